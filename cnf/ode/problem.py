@@ -1,0 +1,283 @@
+"""Input validation and the flat view of an ODE problem.
+
+The stepper works on one flat state vector. :class:`Problem` checks the user's ``func``, ``y0``,
+``t``, tolerances and options once, up front, with errors that say what to do, and adapts
+``func(t: Tensor, y) -> dy/dt`` (``y`` a tensor of any shape or a tuple of tensors) to
+``rhs(t: float, y_flat: Tensor) -> Tensor``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .stepping import Config
+from .tableaus import ButcherTableau, get_tableau
+
+__all__ = ["Problem", "make_config"]
+
+State = Tensor | tuple[Tensor, ...]
+
+_FIXED_OPTIONS = {"step_size", "max_num_steps"}
+_ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {
+    "first_step",
+    "min_step",
+    "max_step",
+    "safety",
+    "ifactor",
+    "dfactor",
+    "pcoeff",
+    "icoeff",
+}
+
+
+def _positive(name: str, value) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+    return value
+
+
+def _check_options(tab: ButcherTableau, options: dict | None) -> dict:
+    options = dict(options or {})
+    valid = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
+    unknown = set(options) - valid
+    if unknown:
+        extra = (
+            f" ({', '.join(sorted(unknown & _ADAPTIVE_OPTIONS))} only apply to adaptive methods)"
+            if unknown & _ADAPTIVE_OPTIONS
+            else ""
+        )
+        raise ValueError(
+            f"unknown option(s) {sorted(unknown)} for method {tab.name!r}{extra}; "
+            f"valid options: {sorted(valid)}"
+        )
+    out = {}
+    for key, value in options.items():
+        if value is None:
+            continue
+        if key == "max_num_steps":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"options['max_num_steps'] must be a positive int, got {value!r}")
+            out[key] = value
+        elif key == "min_step":
+            value = float(value)
+            if not value >= 0:
+                raise ValueError(f"options['min_step'] must be >= 0, got {value!r}")
+            out[key] = value
+        elif key == "max_step":
+            value = float(value)
+            if not value > 0:
+                raise ValueError(f"options['max_step'] must be > 0, got {value!r}")
+            out[key] = value
+        elif key in ("pcoeff",):
+            value = float(value)
+            if not value >= 0:
+                raise ValueError(f"options['pcoeff'] must be >= 0, got {value!r}")
+            out[key] = value
+        else:
+            out[key] = _positive(f"options[{key!r}]", value)
+    if out.get("dfactor", 0.2) >= 1 or out.get("ifactor", 10.0) <= 1:
+        raise ValueError("options need dfactor < 1 < ifactor")
+    if out.get("min_step", 0.0) > out.get("max_step", math.inf):
+        raise ValueError("options['min_step'] must not exceed options['max_step']")
+    return out
+
+
+def make_config(
+    method: str,
+    atol: Tensor,
+    rtol: Tensor,
+    options: dict | None,
+    *,
+    time_eps: float,
+    norm_size: int | None = None,
+) -> Config:
+    """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
+    tab = get_tableau(method)
+    if norm_size is not None:  # the error norm only reads the leading entries
+        atol, rtol = atol[:norm_size], rtol[:norm_size]
+    return replace(
+        Config(tableau=tab, atol=atol, rtol=rtol, time_eps=time_eps, norm_size=norm_size),
+        **_check_options(tab, options),
+    )
+
+
+def _check_times(t) -> tuple[Tensor, list[float]]:
+    if not isinstance(t, Tensor):
+        try:
+            t = torch.as_tensor(t, dtype=torch.float64)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"t must be a 1-D tensor of times, got {type(t).__name__}") from None
+    if t.ndim != 1 or t.numel() == 0:
+        raise ValueError(
+            f"t must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}; "
+            "pass torch.tensor([t0, t1]) for a single interval"
+        )
+    if not t.is_floating_point():
+        t = t.to(torch.get_default_dtype())
+    ts = t.detach().tolist()
+    if not all(math.isfinite(x) for x in ts):
+        raise ValueError("t contains NaN or Inf")
+    diffs = [b - a for a, b in zip(ts[:-1], ts[1:])]
+    if diffs and not (all(d > 0 for d in diffs) or all(d < 0 for d in diffs)):
+        raise ValueError(
+            "t must be strictly increasing or strictly decreasing (no repeated times); "
+            f"got {ts[:8]}{' ...' if len(ts) > 8 else ''}"
+        )
+    return t, ts
+
+
+def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Tensor) -> Tensor:
+    if isinstance(tol, (tuple, list)):
+        if not is_tuple:
+            raise ValueError(f"{name} is a sequence, which is only allowed for a tuple state")
+        if len(tol) != len(sizes):
+            raise ValueError(
+                f"{name} has {len(tol)} entries but the state has {len(sizes)} tensors; "
+                "give one tolerance per tensor or a single number"
+            )
+        values = [_positive(f"{name}[{i}]", x) for i, x in enumerate(tol)]
+    else:
+        values = [_positive(name, tol)] * len(sizes)
+    return torch.cat(
+        [torch.full((n,), v, dtype=like.dtype, device=like.device) for v, n in zip(values, sizes)]
+    )
+
+
+class Problem:
+    """``func``, ``y0`` and ``t`` checked and flattened for the stepper.
+
+    Attributes:
+        y0: the flat initial state, shape ``(N,)``; differentiable with respect to the user's
+            ``y0``.
+        ts: output times as Python floats.
+        t: the time tensor as given (floating point).
+        rhs: ``rhs(t: float, y: Tensor (N,)) -> Tensor (N,)``.
+        atol, rtol: per-element tolerances, shape ``(N,)``.
+    """
+
+    def __init__(self, func: Callable, y0: State, t, rtol, atol) -> None:
+        if not callable(func):
+            raise ValueError(f"func must be callable as func(t, y), got {type(func).__name__}")
+        self.is_tuple = isinstance(y0, (tuple, list))
+        parts = tuple(y0) if self.is_tuple else (y0,)
+        if not parts or not all(isinstance(p, Tensor) for p in parts):
+            raise ValueError("y0 must be a tensor or a non-empty tuple of tensors")
+        first = parts[0]
+        if not first.is_floating_point():
+            raise ValueError(f"y0 must be floating point (float32 or float64), got {first.dtype}")
+        for p in parts[1:]:
+            if p.dtype != first.dtype or p.device != first.device:
+                raise ValueError(
+                    "all tensors of a tuple state must share dtype and device; got "
+                    f"{[(q.dtype, str(q.device)) for q in parts]}"
+                )
+        self.dtype, self.device = first.dtype, first.device
+        self.shapes = [p.shape for p in parts]
+        self.sizes = [p.numel() for p in parts]
+        self.y0 = torch.cat([p.reshape(-1) for p in parts]) if self.is_tuple else first.reshape(-1)
+        if not bool(torch.isfinite(self.y0).all()):
+            raise ValueError("y0 contains NaN or Inf; the initial state must be finite")
+
+        self.t, self.ts = _check_times(t)
+        self.t_dtype = self.t.dtype
+        self.atol = tolerance_vector("atol", atol, self.sizes, self.is_tuple, self.y0)
+        self.rtol = tolerance_vector("rtol", rtol, self.sizes, self.is_tuple, self.y0)
+        self.time_eps = torch.finfo(self.t_dtype).eps
+        self.func = func
+        self.rhs = self._make_rhs(func)
+
+    def config(self, method: str, options: dict | None) -> Config:
+        return make_config(method, self.atol, self.rtol, options, time_eps=self.time_eps)
+
+    def unflatten(self, ys: Tensor) -> State:
+        """``(T, N)`` stacked flat states back to the user's structure, each ``(T, *shape)``."""
+        if not self.is_tuple:
+            return ys.reshape(ys.shape[0], *self.shapes[0])
+        return tuple(
+            part.reshape(ys.shape[0], *shape)
+            for part, shape in zip(ys.split(self.sizes, dim=1), self.shapes)
+        )
+
+    def unflatten_one(self, y: Tensor) -> State:
+        if not self.is_tuple:
+            return y.reshape(self.shapes[0])
+        return tuple(p.reshape(s) for p, s in zip(y.split(self.sizes), self.shapes))
+
+    def time(self, t: float) -> Tensor:
+        return torch.full((), t, dtype=self.t_dtype, device=self.device)
+
+    def _make_rhs(self, func: Callable) -> Callable[[float, Tensor], Tensor]:
+        dtype, device, t_dtype = self.dtype, self.device, self.t_dtype
+        checked = False
+
+        def check(out) -> None:
+            nonlocal checked
+            outs = out if self.is_tuple else (out,)
+            ok = isinstance(outs, (tuple, list)) and len(outs) == len(self.shapes)
+            ok = ok and all(
+                isinstance(o, Tensor) and o.shape == s and o.dtype == dtype
+                for o, s in zip(outs, self.shapes)
+            )
+            if not ok:
+
+                def describe(x):
+                    if isinstance(x, Tensor):
+                        return f"shape {tuple(x.shape)}, dtype {x.dtype}"
+                    if isinstance(x, (tuple, list)):
+                        return "(" + "; ".join(describe(v) for v in x) + ")"
+                    return type(x).__name__
+
+                expected = "; ".join(f"shape {tuple(s)}" for s in self.shapes)
+                raise ValueError(
+                    f"func(t, y) must return dy/dt with the state's structure ({expected}) and "
+                    f"dtype {dtype}; it returned {describe(out)}"
+                )
+            checked = True
+
+        if not self.is_tuple:
+            shape = self.shapes[0]
+            flat = len(shape) == 1
+
+            def rhs(t: float, y: Tensor) -> Tensor:
+                out = func(
+                    torch.full((), t, dtype=t_dtype, device=device), y if flat else y.view(shape)
+                )
+                if not checked:
+                    check(out)
+                return out if flat else out.reshape(-1)
+
+        else:
+            shapes, sizes = self.shapes, self.sizes
+
+            def rhs(t: float, y: Tensor) -> Tensor:
+                ys = tuple(p.view(s) for p, s in zip(y.split(sizes), shapes))
+                out = func(torch.full((), t, dtype=t_dtype, device=device), ys)
+                if not checked:
+                    check(out)
+                return torch.cat([o.reshape(-1) for o in out])
+
+        return rhs
+
+
+def check_adjoint_params(func, adjoint_params: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
+    """The tensors whose gradients the adjoint computes (default: ``func``'s parameters)."""
+    if adjoint_params is None:
+        if not isinstance(func, torch.nn.Module):
+            raise ValueError(
+                "odeint_adjoint needs to know func's parameters: make func an nn.Module, or pass "
+                "adjoint_params=(...) explicitly (adjoint_params=() if it has none)"
+            )
+        return tuple(p for p in func.parameters() if p.requires_grad)
+    params = tuple(adjoint_params)
+    if not all(isinstance(p, Tensor) for p in params):
+        raise ValueError("adjoint_params must be a sequence of tensors")
+    return tuple(p for p in params if p.requires_grad)
