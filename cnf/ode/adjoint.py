@@ -88,8 +88,8 @@ def make_adjoint_settings(
     rtol_g = torch.full_like(like, rtol_a.min().item())
     cfg = make_config(
         method,
-        torch.cat([fwd.atol, atol_a, atol_g]),
-        torch.cat([fwd.rtol, rtol_a, rtol_g]),
+        torch.cat([fwd.atol.reshape(-1), atol_a, atol_g]),
+        torch.cat([fwd.rtol.reshape(-1), rtol_a, rtol_g]),
         options,
         time_eps=fwd.time_eps,
         norm_size=2 * n if norm == "seminorm" else None,
@@ -205,17 +205,21 @@ def _checkpoint_backward(run: _Run, record: Record, grad_ys: Tensor):
 def _backsolve_backward(run: _Run, ys: Tensor, grad_ys: Tensor):
     problem, params = run.problem, run.params
     cfg = run.settings.backward
-    n = ys.shape[1]
+    shape = ys.shape[1:]
+    n = ys[0].numel()
     fill = _vjp_inputs(params)
     sizes = [p.numel() for p in params]
 
     def aug_rhs(t: float, z: Tensor) -> Tensor:
         with torch.enable_grad():
-            y = z[:n].detach().requires_grad_(True)
+            y = z[:n].detach().view(shape).requires_grad_(True)
             fy = problem.rhs(t, y)
-            grads = torch.autograd.grad(fy, (y, *params), -z[n : 2 * n], allow_unused=True)
+            cotangent = -z[n : 2 * n].view(shape)
+            grads = torch.autograd.grad(fy, (y, *params), cotangent, allow_unused=True)
         vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
-        return torch.cat([fy.detach(), vjp_y, *(g.reshape(-1) for g in fill(grads[1:]))])
+        return torch.cat(
+            [fy.detach().reshape(-1), vjp_y.reshape(-1), *(g.reshape(-1) for g in fill(grads[1:]))]
+        )
 
     total = Counts()
     a = grad_ys[-1]
@@ -223,11 +227,11 @@ def _backsolve_backward(run: _Run, ys: Tensor, grad_ys: Tensor):
     ts = problem.ts
     h = None
     for i in range(len(ts) - 1, 0, -1):
-        z0 = torch.cat([ys[i], a, g])
+        z0 = torch.cat([ys[i].reshape(-1), a.reshape(-1), g])
         outs, counts = integrate(aug_rhs, z0, [ts[i], ts[i - 1]], replace(cfg, first_step=h))
         h = counts.step_size
         z1 = outs[-1]
-        a = z1[n : 2 * n] + grad_ys[i - 1]
+        a = z1[n : 2 * n].view(shape) + grad_ys[i - 1]
         g = z1[2 * n :]
         total.nfe += counts.nfe
         total.n_accepted += counts.n_accepted
@@ -238,12 +242,16 @@ def _backsolve_backward(run: _Run, ys: Tensor, grad_ys: Tensor):
     return a, grad_params, total
 
 
+def _inner(a: Tensor, b: Tensor) -> Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1))
+
+
 def _time_gradient(problem: Problem, ys: Tensor, grad_ys: Tensor, grad_y0: Tensor):
     """``dL/dt_i = <g_i, f(t_i, y_i)>``, and ``dL/dt_0 -= <dL/dy_0, f(t_0, y_0)>``."""
     with torch.no_grad():
         fs = [problem.rhs(t, y) for t, y in zip(problem.ts, ys)]
-        grad = torch.stack([torch.dot(g, f) for g, f in zip(grad_ys, fs)])
-        grad[0] -= torch.dot(grad_y0, fs[0])
+        grad = torch.stack([_inner(g, f) for g, f in zip(grad_ys, fs)])
+        grad[0] -= _inner(grad_y0, fs[0])
     return grad.to(problem.t.dtype), len(fs)
 
 
@@ -263,7 +271,7 @@ class _TimeOutputs(torch.autograd.Function):
         problem = ctx.problem
         with torch.no_grad():
             grad_t = torch.stack(
-                [torch.dot(g, problem.rhs(t, y)) for t, g, y in zip(problem.ts, grad_ys, ys)]
+                [_inner(g, problem.rhs(t, y)) for t, g, y in zip(problem.ts, grad_ys, ys)]
             )
         return None, grad_t.to(problem.t.dtype), grad_ys
 
@@ -284,7 +292,7 @@ class _TimeInitial(torch.autograd.Function):
         problem = ctx.problem
         with torch.no_grad():
             grad_t = torch.zeros(len(problem.ts), dtype=problem.t.dtype, device=grad_y0.device)
-            grad_t[0] = -torch.dot(grad_y0, problem.rhs(problem.ts[0], y0))
+            grad_t[0] = -_inner(grad_y0, problem.rhs(problem.ts[0], y0))
         return None, grad_t, grad_y0
 
 

@@ -1,9 +1,10 @@
-"""Input validation and the flat view of an ODE problem.
+"""Input validation and the single-tensor view of an ODE problem.
 
-The stepper works on one flat state vector. :class:`Problem` checks the user's ``func``, ``y0``,
+The stepper works on one state tensor. :class:`Problem` checks the user's ``func``, ``y0``,
 ``t``, tolerances and options once, up front, with errors that say what to do, and adapts
-``func(t: Tensor, y) -> dy/dt`` (``y`` a tensor of any shape or a tuple of tensors) to
-``rhs(t: float, y_flat: Tensor) -> Tensor``.
+``func(t: Tensor, y) -> dy/dt`` to ``rhs(t: float, y: Tensor) -> Tensor``. A single-tensor
+state keeps its shape (no reshapes per evaluation: for small states every tensor operation's
+overhead counts); a tuple state is concatenated into one flat vector.
 """
 
 from __future__ import annotations
@@ -153,15 +154,15 @@ def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Ten
 
 
 class Problem:
-    """``func``, ``y0`` and ``t`` checked and flattened for the stepper.
+    """``func``, ``y0`` and ``t`` checked and packed into one state tensor for the stepper.
 
     Attributes:
-        y0: the flat initial state, shape ``(N,)``; differentiable with respect to the user's
-            ``y0``.
+        y0: the initial state: the user's tensor, or a tuple's tensors concatenated into shape
+            ``(N,)``; differentiable with respect to the user's ``y0``.
         ts: output times as Python floats.
         t: the time tensor as given (floating point).
-        rhs: ``rhs(t: float, y: Tensor (N,)) -> Tensor (N,)``.
-        atol, rtol: per-element tolerances, shape ``(N,)``.
+        rhs: ``rhs(t: float, y: Tensor) -> Tensor`` on states shaped like ``y0``.
+        atol, rtol: per-element tolerances, shaped like ``y0``.
     """
 
     def __init__(self, func: Callable, y0: State, t, rtol, atol) -> None:
@@ -183,7 +184,7 @@ class Problem:
         self.dtype, self.device = first.dtype, first.device
         self.shapes = [p.shape for p in parts]
         self.sizes = [p.numel() for p in parts]
-        self.y0 = torch.cat([p.reshape(-1) for p in parts]) if self.is_tuple else first.reshape(-1)
+        self.y0 = torch.cat([p.reshape(-1) for p in parts]) if self.is_tuple else first
         if not bool(torch.isfinite(self.y0).all()):
             raise ValueError("y0 contains NaN or Inf; the initial state must be finite")
 
@@ -191,6 +192,7 @@ class Problem:
         self.t_dtype = self.t.dtype
         self.atol = tolerance_vector("atol", atol, self.sizes, self.is_tuple, self.y0)
         self.rtol = tolerance_vector("rtol", rtol, self.sizes, self.is_tuple, self.y0)
+        self.atol, self.rtol = self.atol.view_as(self.y0), self.rtol.view_as(self.y0)
         self.time_eps = torch.finfo(self.t_dtype).eps
         self.func = func
         self.rhs = self._make_rhs(func)
@@ -199,18 +201,13 @@ class Problem:
         return make_config(method, self.atol, self.rtol, options, time_eps=self.time_eps)
 
     def unflatten(self, ys: Tensor) -> State:
-        """``(T, N)`` stacked flat states back to the user's structure, each ``(T, *shape)``."""
+        """Stacked states ``(T, *y0.shape)`` back to the user's structure, each ``(T, *shape)``."""
         if not self.is_tuple:
-            return ys.reshape(ys.shape[0], *self.shapes[0])
+            return ys
         return tuple(
             part.reshape(ys.shape[0], *shape)
             for part, shape in zip(ys.split(self.sizes, dim=1), self.shapes)
         )
-
-    def unflatten_one(self, y: Tensor) -> State:
-        if not self.is_tuple:
-            return y.reshape(self.shapes[0])
-        return tuple(p.reshape(s) for p, s in zip(y.split(self.sizes), self.shapes))
 
     def time(self, t: float) -> Tensor:
         return torch.full((), t, dtype=self.t_dtype, device=self.device)
@@ -244,16 +241,12 @@ class Problem:
             checked = True
 
         if not self.is_tuple:
-            shape = self.shapes[0]
-            flat = len(shape) == 1
 
             def rhs(t: float, y: Tensor) -> Tensor:
-                out = func(
-                    torch.full((), t, dtype=t_dtype, device=device), y if flat else y.view(shape)
-                )
+                out = func(torch.full((), t, dtype=t_dtype, device=device), y)
                 if not checked:
                     check(out)
-                return out if flat else out.reshape(-1)
+                return out
 
         else:
             shapes, sizes = self.shapes, self.sizes

@@ -1,6 +1,6 @@
 """One generic Runge-Kutta step, its dense output, step-size control and the integration loop.
 
-Everything here works on a flat state ``y`` of shape ``(N,)`` and a right-hand side
+Everything here works on one state tensor ``y`` (any shape) and a right-hand side
 ``f(t: float, y: Tensor) -> Tensor``; :mod:`cnf.ode.problem` adapts the user's function and
 state to that form. Times and step sizes are Python floats (double precision), so controlling
 the step costs one host synchronisation per step (reading the error norm) and nothing else.
