@@ -77,23 +77,20 @@ def make_adjoint_settings(
                 f"replays the forward steps); got {extra}"
             )
         return AdjointSettings(mode=mode, backward=None)
-    # Tolerances of the augmented state [y, a, g]: the forward ones for y, the adjoint ones
-    # (per state tensor, like the forward) for a, and the first adjoint value for g.
+    # The augmented state [y, a, g] is solved with the adjoint tolerances (per state tensor,
+    # like the forward) for y and a, and the tightest of them for g. Its error norm is the
+    # largest RMS over the sections (each tensor of y, of a, and g), so the many gradient
+    # entries cannot average away the error of the few state entries; the seminorm drops g.
     fwd = problem
-    n = fwd.y0.numel()
-    atol_a = tolerance_vector("adjoint_atol", atol, fwd.sizes, fwd.is_tuple, fwd.y0)
-    rtol_a = tolerance_vector("adjoint_rtol", rtol, fwd.sizes, fwd.is_tuple, fwd.y0)
-    like = fwd.y0.new_empty(n_params)
-    atol_g = like.fill_(atol_a.min().item()) if n_params else like
-    rtol_g = torch.full_like(like, rtol_a.min().item())
-    cfg = make_config(
-        method,
-        torch.cat([fwd.atol.reshape(-1), atol_a, atol_g]),
-        torch.cat([fwd.rtol.reshape(-1), rtol_a, rtol_g]),
-        options,
-        time_eps=fwd.time_eps,
-        norm_size=2 * n if norm == "seminorm" else None,
+    tol_y = [
+        tolerance_vector(name, tol, fwd.sizes, fwd.is_tuple, fwd.y0)
+        for name, tol in (("adjoint_atol", atol), ("adjoint_rtol", rtol))
+    ]
+    tols = [torch.cat([v, v, v.new_full((n_params,), v.min().item())]) for v in tol_y]
+    sections = (*fwd.sizes, *fwd.sizes) + (
+        () if norm == "seminorm" or not n_params else (n_params,)
     )
+    cfg = make_config(method, *tols, options, time_eps=fwd.time_eps, norm_sizes=sections)
     return AdjointSettings(mode=mode, backward=cfg)
 
 

@@ -99,14 +99,14 @@ def make_config(
     options: dict | None,
     *,
     time_eps: float,
-    norm_size: int | None = None,
+    norm_sizes: tuple[int, ...] | None = None,
 ) -> Config:
     """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
     tab = get_tableau(method)
-    if norm_size is not None:  # the error norm only reads the leading entries
-        atol, rtol = atol[:norm_size], rtol[:norm_size]
+    if norm_sizes is not None:  # the error norm only reads the leading entries
+        atol, rtol = atol[: sum(norm_sizes)], rtol[: sum(norm_sizes)]
     return replace(
-        Config(tableau=tab, atol=atol, rtol=rtol, time_eps=time_eps, norm_size=norm_size),
+        Config(tableau=tab, atol=atol, rtol=rtol, time_eps=time_eps, norm_sizes=norm_sizes),
         **_check_options(tab, options),
     )
 
@@ -198,7 +198,10 @@ class Problem:
         self.rhs = self._make_rhs(func)
 
     def config(self, method: str, options: dict | None) -> Config:
-        return make_config(method, self.atol, self.rtol, options, time_eps=self.time_eps)
+        sizes = tuple(self.sizes) if self.is_tuple and len(self.sizes) > 1 else None
+        return make_config(
+            method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes
+        )
 
     def unflatten(self, ys: Tensor) -> State:
         """Stacked states ``(T, *y0.shape)`` back to the user's structure, each ``(T, *shape)``."""

@@ -39,8 +39,11 @@ class Config:
     """Validated solver settings (built by :func:`cnf.ode.problem.make_config`).
 
     ``atol`` and ``rtol`` are tensors of shape ``(N,)`` (one entry per state element, so that
-    tuple states can carry per-state tolerances). ``norm_size`` limits the error norm to the
-    first ``norm_size`` entries of the state (the seminorm of the adjoint).
+    tuple states can carry per-state tolerances). ``norm_sizes`` splits a flat state into
+    consecutive sections (the tensors of a tuple state; ``y``, ``a`` of the adjoint): the error
+    norm is the largest of the sections' RMS norms, so a small, tightly controlled section is
+    not averaged away by a large one, and entries past the last section are left out of the
+    norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state.
     """
 
     tableau: ButcherTableau
@@ -56,12 +59,17 @@ class Config:
     dfactor: float = 0.2
     pcoeff: float = 0.2
     icoeff: float = 0.65
-    norm_size: int | None = None
+    norm_sizes: tuple[int, ...] | None = None
     time_eps: float = 2.0**-52
 
     @property
     def adaptive(self) -> bool:
         return self.tableau.adaptive and self.step_size is None
+
+    @property
+    def norm_size(self) -> int | None:
+        """How many leading entries of the state the error norm reads (None: all)."""
+        return None if self.norm_sizes is None else sum(self.norm_sizes)
 
 
 @dataclass
@@ -148,8 +156,16 @@ def _error_ratio(
                 err = kk * e if err is None else torch.add(err, kk, alpha=e)
         y1_abs = (y1 if n is None else y1[:n]).abs()
         scale = torch.addcmul(cfg.atol, cfg.rtol, torch.maximum(y_abs, y1_abs))
-        ratio = torch.linalg.vector_norm(err.div_(scale)).item()
-    return abs(h) * ratio / math.sqrt(err.numel()), y1_abs
+        ratio = _rms(cfg, err.div_(scale))
+    return abs(h) * ratio, y1_abs
+
+
+def _rms(cfg: Config, x: Tensor) -> float:
+    """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state."""
+    if cfg.norm_sizes is None or len(cfg.norm_sizes) == 1:
+        return torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())
+    norms = torch.stack([torch.linalg.vector_norm(part) for part in x.split(cfg.norm_sizes)])
+    return max(v / math.sqrt(size) for v, size in zip(norms.tolist(), cfg.norm_sizes) if size > 0)
 
 
 def _initial_step(
@@ -163,14 +179,13 @@ def _initial_step(
         n = cfg.norm_size
         y, fy = (y0, f0) if n is None else (y0[:n], f0[:n])
         scale = torch.addcmul(cfg.atol, cfg.rtol, y.abs())
-        rms = math.sqrt(y.numel())
-        d0 = torch.linalg.vector_norm(y / scale).item() / rms
-        d1 = torch.linalg.vector_norm(fy / scale).item() / rms
+        d0 = _rms(cfg, y / scale)
+        d1 = _rms(cfg, fy / scale)
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
         h0 = min(h0, span)
         f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
         f1 = f1 if n is None else f1[:n]
-        d2 = torch.linalg.vector_norm((f1 - fy) / scale).item() / rms / h0
+        d2 = _rms(cfg, (f1 - fy) / scale) / h0
     dmax = max(d1, d2)
     if not math.isfinite(dmax):
         h1 = h0 * 1e-3
@@ -178,7 +193,7 @@ def _initial_step(
         h1 = max(1e-6, h0 * 1e-3)
     else:
         h1 = (0.01 / dmax) ** (1.0 / (cfg.tableau.order))
-    return min(100 * h0, h1, span, cfg.max_step)
+    return min(100 * h0, h1, span)
 
 
 def integrate(
@@ -221,6 +236,7 @@ def integrate(
             if cfg.first_step is not None
             else _initial_step(rhs, cfg, t, y0, k0, direction, span)
         )
+        h = min(max(h, cfg.min_step), cfg.max_step)
         exponent = 1.0 / tab.order
         beta1 = (cfg.pcoeff + cfg.icoeff) * exponent
         beta2 = cfg.pcoeff * exponent
