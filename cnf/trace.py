@@ -1,0 +1,380 @@
+r"""Divergence of a vector field: exact, field-aware exact, and Hutchinson's estimator.
+
+A continuous normalizing flow carries the log-density along with the state,
+
+.. math::
+
+    \frac{dz}{dt} = f(t, z), \qquad \frac{d \log p(z(t))}{dt} = -\operatorname{tr}
+    \frac{\partial f}{\partial z},
+
+so every evaluation of the field also needs the trace of its Jacobian. Here ``z`` has shape
+``(batch, *event_shape)``, the batch elements are independent, and :math:`D` is the number of
+entries of one event. Every function returns ``f`` together with the divergence, evaluating the
+field once.
+
+* :func:`divergence_exact`: the exact trace. For a field with a ``forward_with_divergence(t, z)``
+  method (:class:`cnf.fields.ConcatSquashMLP`) that method computes it analytically; otherwise
+  one vector-Jacobian product is vectorised with :func:`torch.func.vmap` over the :math:`D` basis
+  vectors (not a Python loop of :math:`D` ``autograd.grad`` calls, as FFJORD does).
+* :func:`divergence_hutchinson`: the unbiased estimate :math:`\frac1K \sum_k e_k^\top J e_k` from
+  :math:`K` probes, one (vectorised) vector-Jacobian product.
+* :func:`divergence`: one call per solver stage for the CNF, optionally with the estimate of
+  :math:`\|J\|_F^2` for the RNODE regularizer (Finlay et al. 2020).
+
+Noise comes from :func:`sample_noise` and is always passed in: the caller draws it once per solve
+and holds it fixed across the solver's steps (and its backward pass); nothing is cached here.
+
+Graphs: the results are differentiable with respect to ``z`` and the field's parameters exactly
+when autograd is recording (``torch.is_grad_enabled()``), i.e. the trace is computed with
+``create_graph`` semantics while training and without keeping any graph under
+``torch.no_grad()``. ``z`` need not require gradients. Generic fields must be usable with
+:mod:`torch.func` (no in-place updates of captured tensors, no ``.item()`` on the state).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "ESTIMATORS",
+    "NOISE_KINDS",
+    "Divergence",
+    "divergence",
+    "divergence_exact",
+    "divergence_hutchinson",
+    "sample_noise",
+]
+
+ESTIMATORS = ("exact", "hutchinson")
+"""Names accepted by :func:`divergence`'s ``estimator``."""
+
+NOISE_KINDS = ("rademacher", "gaussian")
+"""Names accepted by :func:`sample_noise`'s ``kind``."""
+
+Field = Callable[[Tensor, Tensor], Tensor]
+
+
+class Divergence(NamedTuple):
+    """Result of :func:`divergence`.
+
+    Attributes:
+        f: ``dz/dt = f(t, z)``, shape ``(batch, *event_shape)``.
+        div: :math:`\\operatorname{tr}(\\partial f / \\partial z)` (exact or estimated), shape
+            ``(batch,)``.
+        frobenius: the probe estimate of :math:`\\|\\partial f / \\partial z\\|_F^2`, shape
+            ``(batch,)``; None unless ``frobenius=True`` was asked for.
+    """
+
+    f: Tensor
+    div: Tensor
+    frobenius: Tensor | None
+
+
+def sample_noise(
+    shape: Sequence[int],
+    kind: str = "rademacher",
+    *,
+    probes: int = 1,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    r"""Draw probe vectors for Hutchinson's estimator (and the Frobenius-norm estimate).
+
+    Both kinds have :math:`E[e e^\top] = I`, which makes :math:`e^\top J e` an unbiased estimate of
+    :math:`\operatorname{tr} J` and :math:`\|e^\top J\|^2` one of :math:`\|J\|_F^2`. Rademacher
+    probes (entries :math:`\pm 1`) have the smaller variance for the trace,
+    :math:`2 \sum_{i \ne j} J_{ij}^2` against Gaussian's :math:`2 \|J\|_F^2` for symmetric J.
+
+    Draw once per solve and pass the same tensor to every evaluation of the solve (and of its
+    backward pass): the estimator is then one fixed linear functional of the Jacobian along the
+    trajectory, which keeps the ODE smooth for the adaptive solver.
+
+    Args:
+        shape: shape of the state, ``(batch, *event_shape)``.
+        kind: ``"rademacher"`` or ``"gaussian"``.
+        probes: number :math:`K` of probes per sample.
+        generator: random generator (on ``device``) for reproducible draws.
+        dtype, device: of the noise; use the state's (default: PyTorch's defaults).
+
+    Returns:
+        noise of shape ``(probes, *shape)``.
+
+    Raises:
+        ValueError: unknown ``kind`` or ``probes`` not a positive int.
+
+    Example:
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> e = sample_noise((128, 2), "rademacher", probes=4, generator=gen)
+        >>> e.shape, bool(((e == 1) | (e == -1)).all())
+        (torch.Size([4, 128, 2]), True)
+    """
+    if kind not in NOISE_KINDS:
+        raise ValueError(f"unknown noise kind {kind!r}; valid kinds: {list(NOISE_KINDS)}")
+    if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
+        raise ValueError(f"probes must be a positive int, got {probes!r}")
+    size = (probes, *shape)
+    if dtype is None:
+        dtype = torch.get_default_dtype()
+    if kind == "gaussian":
+        return torch.randn(size, generator=generator, dtype=dtype, device=device)
+    bits = torch.randint(0, 2, size, generator=generator, device=device)
+    return (2 * bits - 1).to(dtype)
+
+
+def _check_state(z: Tensor) -> None:
+    if not isinstance(z, Tensor) or not z.is_floating_point() or z.dim() < 1:
+        raise ValueError(
+            "z must be a floating-point tensor of shape (batch, *event_shape), got "
+            f"{type(z).__name__ if not isinstance(z, Tensor) else f'{z.dtype} {tuple(z.shape)}'}"
+        )
+
+
+def _check_noise(noise: Tensor | None, z: Tensor) -> Tensor:
+    """Noise as ``(probes, *z.shape)``; accepts ``z.shape`` for one probe."""
+    if noise is None:
+        raise ValueError(
+            "this estimate needs probe noise: pass noise=sample_noise(z.shape, ...), drawn once "
+            "per solve"
+        )
+    if not isinstance(noise, Tensor):
+        raise ValueError(f"noise must be a tensor, got {type(noise).__name__}")
+    if noise.shape == z.shape:
+        noise = noise.unsqueeze(0)
+    if noise.dim() != z.dim() + 1 or noise.shape[1:] != z.shape or noise.shape[0] < 1:
+        raise ValueError(
+            f"noise must have shape (probes, {', '.join(map(str, z.shape))}) or the state's shape "
+            f"{tuple(z.shape)}, got {tuple(noise.shape)}"
+        )
+    if noise.dtype != z.dtype or noise.device != z.device:
+        raise ValueError(
+            f"noise has dtype {noise.dtype} on {noise.device} but z has dtype {z.dtype} on "
+            f"{z.device}; draw it with sample_noise(..., dtype=z.dtype, device=z.device)"
+        )
+    return noise
+
+
+def _check_output(f: Tensor, z: Tensor) -> None:
+    if not isinstance(f, Tensor) or f.shape != z.shape or f.dtype != z.dtype:
+        got = f"{f.dtype} {tuple(f.shape)}" if isinstance(f, Tensor) else type(f).__name__
+        raise ValueError(
+            f"field(t, z) must return dz/dt of z's shape {tuple(z.shape)} and dtype {z.dtype}, "
+            f"got {got}"
+        )
+
+
+def _per_sample(x: Tensor) -> Tensor:
+    """Sum over the event dimensions: ``(batch, *event_shape) -> (batch,)``."""
+    return x.reshape(x.shape[0], -1).sum(1)
+
+
+def _probe_forms(
+    vjp_fn: Callable, probes: Tensor, chunk_size: int | None, squares: bool
+) -> tuple[Tensor, Tensor | None]:
+    r""":math:`e^\top J e` and (if ``squares``) :math:`\|e^\top J\|^2`, each ``(probes, batch)``."""
+
+    def forms(e: Tensor) -> tuple[Tensor, ...]:
+        (ej,) = vjp_fn(e)
+        return (_per_sample(ej * e), _per_sample(ej * ej)) if squares else (_per_sample(ej * e),)
+
+    if probes.shape[0] == 1:  # spares vmap's overhead in the common one-probe case
+        out = tuple(x.unsqueeze(0) for x in forms(probes[0]))
+    else:
+        out = torch.func.vmap(forms, chunk_size=chunk_size)(probes)
+    return out[0], out[1] if squares else None
+
+
+def _basis(z: Tensor) -> Tensor:
+    """The event's :math:`D` basis vectors for every sample, shape ``(D, *z.shape)`` (a view)."""
+    batch, event = z.shape[0], z.shape[1:]
+    d = math.prod(event)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *event)
+    return eye.expand(d, batch, *event)
+
+
+def _has_field_method(field) -> bool:
+    return callable(getattr(field, "forward_with_divergence", None))
+
+
+def _exact(
+    field: Field,
+    t: Tensor,
+    z: Tensor,
+    noise: Tensor | None,
+    field_aware: bool,
+    chunk_size: int | None,
+) -> Divergence:
+    """Exact divergence; with ``noise``, also the Frobenius estimate from those probes."""
+    if field_aware and _has_field_method(field):
+        if noise is None:
+            f, div = field.forward_with_divergence(t, z)
+            _check_output(f, z)
+            return Divergence(f, div, None)
+        f, vjp_fn, div = torch.func.vjp(
+            lambda x: field.forward_with_divergence(t, x), z, has_aux=True
+        )
+        _check_output(f, z)
+        _, sq = _probe_forms(vjp_fn, noise, chunk_size, True)
+        return Divergence(f, div, sq.mean(0))
+    f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
+    _check_output(f, z)
+    basis = _basis(z)
+    d = basis.shape[0]
+    # the basis vectors and the Frobenius probes share one vectorised vector-Jacobian product
+    probes = basis if noise is None else torch.cat([basis, noise])
+    quad, sq = _probe_forms(vjp_fn, probes, chunk_size, noise is not None)
+    return Divergence(f, quad[:d].sum(0), None if noise is None else sq[d:].mean(0))
+
+
+def _hutchinson(
+    field: Field, t: Tensor, z: Tensor, noise: Tensor, frobenius: bool, chunk_size: int | None
+) -> Divergence:
+    f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
+    _check_output(f, z)
+    quad, sq = _probe_forms(vjp_fn, noise, chunk_size, frobenius)
+    return Divergence(f, quad.mean(0), sq.mean(0) if frobenius else None)
+
+
+def divergence_exact(
+    field: Field,
+    t: Tensor,
+    z: Tensor,
+    *,
+    field_aware: bool = True,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    r"""Evaluate ``f(t, z)`` and its exact divergence :math:`\operatorname{tr} J`, J = df/dz.
+
+    If ``field`` has a method ``forward_with_divergence(t, z) -> (f, div)`` (as
+    :class:`cnf.fields.ConcatSquashMLP` does) and ``field_aware`` is True, that method computes
+    the trace analytically; both ways give the same value to rounding. Otherwise the field is
+    evaluated once with :func:`torch.func.vjp` and the vector-Jacobian product is vectorised over
+    the :math:`D` basis vectors :math:`e_i` (broadcast over the batch),
+
+    .. math::
+
+        \operatorname{tr} J = \sum_{i=1}^{D} e_i^\top J e_i,
+
+    which costs about :math:`D` backward passes done as one batched pass. Memory grows as
+    :math:`D \times` one backward pass; ``chunk_size`` bounds it for large events (images).
+
+    Args:
+        field: ``field(t, z) -> dz/dt`` of ``z``'s shape; batch elements must be independent.
+        t: scalar time, passed to ``field`` unchanged.
+        z: state of shape ``(batch, *event_shape)``; need not require gradients.
+        field_aware: use the field's ``forward_with_divergence`` when it has one.
+        chunk_size: basis vectors per vectorised chunk (default: all at once).
+
+    Returns:
+        ``(f, div)`` with ``f`` of shape ``(batch, *event_shape)`` and ``div`` of shape
+        ``(batch,)``; differentiable when autograd is recording (see the module docstring).
+
+    Example:
+        >>> from cnf.fields import ConcatSquashMLP
+        >>> f, div = divergence_exact(ConcatSquashMLP(2), torch.tensor(0.0), torch.randn(5, 2))
+        >>> f.shape, div.shape
+        (torch.Size([5, 2]), torch.Size([5]))
+    """
+    _check_state(z)
+    f, div, _ = _exact(field, t, z, None, field_aware, chunk_size)
+    return f, div
+
+
+def divergence_hutchinson(
+    field: Field, t: Tensor, z: Tensor, noise: Tensor
+) -> tuple[Tensor, Tensor]:
+    r"""Evaluate ``f(t, z)`` and Hutchinson's estimate of its divergence.
+
+    .. math::
+
+        \widehat{\operatorname{tr}} J = \frac1K \sum_{k=1}^{K} e_k^\top J e_k,
+        \qquad E[e e^\top] = I,
+
+    with one vector-Jacobian product per probe, the :math:`K` probes vectorised together.
+
+    Args:
+        field: ``field(t, z) -> dz/dt`` of ``z``'s shape; batch elements must be independent.
+        t: scalar time, passed to ``field`` unchanged.
+        z: state of shape ``(batch, *event_shape)``; need not require gradients.
+        noise: probes of shape ``(K, batch, *event_shape)``, or ``(batch, *event_shape)`` for one,
+            from :func:`sample_noise`, with ``z``'s dtype and device.
+
+    Returns:
+        ``(f, div)`` with ``f`` of shape ``(batch, *event_shape)`` and ``div`` of shape
+        ``(batch,)``.
+
+    Raises:
+        ValueError: ``noise`` of the wrong shape, dtype or device.
+    """
+    _check_state(z)
+    noise = _check_noise(noise, z)
+    f, div, _ = _hutchinson(field, t, z, noise, False, None)
+    return f, div
+
+
+def divergence(
+    field: Field,
+    t: Tensor,
+    z: Tensor,
+    *,
+    estimator: str = "exact",
+    noise: Tensor | None = None,
+    frobenius: bool = False,
+    field_aware: bool = True,
+    chunk_size: int | None = None,
+) -> Divergence:
+    r"""Everything the CNF's joint ODE needs from one evaluation of the field.
+
+    Returns ``f``, the divergence (``estimator="exact"``: :func:`divergence_exact`;
+    ``"hutchinson"``: :func:`divergence_hutchinson` with ``noise``) and, with
+    ``frobenius=True``, the RNODE estimate of the squared Frobenius norm of the Jacobian from the
+    same probes,
+
+    .. math::
+
+        \widehat{\|J\|_F^2} = \frac1K \sum_{k=1}^{K} \|e_k^\top J\|^2 .
+
+    The Frobenius estimate always uses the probes in ``noise``, whichever the estimator:
+
+    * Hutchinson: it reuses the vector-Jacobian products of the trace (no extra cost);
+    * exact, generic field: the probes join the basis vectors in the same vectorised product;
+    * exact, field-aware: one extra vector-Jacobian product (K probes vectorised).
+
+    Args:
+        field, t, z: as for :func:`divergence_exact`.
+        estimator: ``"exact"`` or ``"hutchinson"``.
+        noise: probes ``(K, batch, *event_shape)`` or ``(batch, *event_shape)`` from
+            :func:`sample_noise`; required for ``"hutchinson"`` and for ``frobenius=True``,
+            ignored otherwise.
+        frobenius: also return the Frobenius-norm estimate (else ``frobenius`` is None).
+        field_aware, chunk_size: as for :func:`divergence_exact` (``chunk_size`` also chunks
+            the probes).
+
+    Returns:
+        :class:`Divergence` ``(f, div, frobenius)``, shapes ``(batch, *event_shape)``,
+        ``(batch,)`` and ``(batch,)`` (or None).
+
+    Raises:
+        ValueError: unknown estimator; ``noise`` missing or of the wrong shape, dtype or device.
+
+    Example:
+        >>> from cnf.fields import ConcatSquashMLP
+        >>> z = torch.randn(5, 2)
+        >>> e = sample_noise(z.shape, "gaussian")
+        >>> field = ConcatSquashMLP(2)
+        >>> f, div, frob = divergence(field, torch.tensor(0.0), z, noise=e, frobenius=True)
+        >>> div.shape, frob.shape
+        (torch.Size([5]), torch.Size([5]))
+    """
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"unknown estimator {estimator!r}; valid estimators: {list(ESTIMATORS)}")
+    _check_state(z)
+    if estimator == "hutchinson":
+        return _hutchinson(field, t, z, _check_noise(noise, z), frobenius, chunk_size)
+    noise = _check_noise(noise, z) if frobenius else None
+    return _exact(field, t, z, noise, field_aware, chunk_size)
