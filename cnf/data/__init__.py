@@ -2,12 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
 from .toy import DENSITY_NAMES, NAMES, ToyDensity, density, sample
 
-__all__ = ["DENSITY_NAMES", "NAMES", "ToyDensity", "density", "sample", "sample_tensor"]
+__all__ = [
+    "DENSITY_NAMES",
+    "NAMES",
+    "ToyDensity",
+    "density",
+    "sample",
+    "sample_tensor",
+    "toy_sampler",
+]
 
 
 def sample_tensor(
@@ -30,3 +40,18 @@ def sample_tensor(
     """
     points = sample(name, n, seed)
     return torch.as_tensor(points, dtype=dtype or torch.get_default_dtype(), device=device)
+
+
+def toy_sampler(name: str) -> Callable[[int, torch.Generator], torch.Tensor]:
+    """A sampler of fresh batches for :func:`cnf.train.fit`: ``sampler(n, generator)``.
+
+    Each call draws ``n`` new points of the toy data set ``name`` (float64 numpy draws seeded
+    from ``generator``, returned as a float64 tensor; ``fit`` moves them to the model).
+    """
+    sample(name, 1, 0)  # validate the name now, not at the first batch
+
+    def sampler(n: int, generator: torch.Generator) -> torch.Tensor:
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        return sample_tensor(name, n, seed, dtype=torch.float64)
+
+    return sampler
