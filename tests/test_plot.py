@@ -1,0 +1,304 @@
+"""Tests of cnf.plot: every picture is a Figure, densities are densities, the GIF has its frames."""
+
+# ruff: noqa: E402  (the backend is chosen before pyplot is imported)
+from __future__ import annotations
+
+import io
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless; must come before pyplot is imported
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+import torch
+from matplotlib.collections import LineCollection
+from matplotlib.figure import Figure
+from PIL import Image
+from torch import nn
+
+from cnf import data, plot
+from cnf.fields import ConcatSquashMLP
+from cnf.flow import CNF, SequentialFlow
+
+
+@pytest.fixture
+def model() -> CNF:
+    """A small untrained CNF whose weights are scaled up so that its density is not Gaussian."""
+    torch.manual_seed(0)
+    flow = CNF(ConcatSquashMLP(2, hidden=(16, 16)), (2,))
+    with torch.no_grad():
+        for p in flow.field.parameters():
+            p.mul_(3.0)
+    return flow
+
+
+def _check_figure(fig, panels: int) -> None:
+    """A Figure with ``panels`` data axes (colorbars aside), drawable, not held by pyplot."""
+    assert isinstance(fig, Figure)
+    assert len([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]) == panels
+    fig.savefig(io.BytesIO(), format="png", dpi=20)  # renders every artist
+    assert plt.get_fignums() == []  # nothing registered with pyplot: nothing leaks
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- density_grid
+
+
+def test_density_grid_shapes_order_and_values(model):
+    model.double()  # float64 and tight tolerances: batch-size effects on the steps vanish
+    tight = {"rtol": 1e-9, "atol": 1e-9}
+    xx, yy, logp = plot.density_grid(model, lim=3.0, n=7, **tight)
+    assert xx.shape == yy.shape == logp.shape == (7, 7)
+    assert np.all(np.isfinite(logp))
+    axis = np.linspace(-3.0, 3.0, 7)
+    np.testing.assert_allclose(xx[2], axis)  # x along columns
+    np.testing.assert_allclose(yy[:, 2], axis)  # y along rows
+    # node (i, j) holds log p at (x_j, y_i)
+    point = torch.tensor([[xx[1, 4], yy[1, 4]]], dtype=torch.float64)
+    with torch.no_grad():
+        expected = model.log_prob(point, trace="exact", **tight).item()
+    assert logp[1, 4] == pytest.approx(expected, abs=1e-7)
+
+
+def test_density_grid_integrates_to_one(model):
+    lim, n = 6.0, 60
+    _, _, logp = plot.density_grid(model, lim, n, batch=1000)  # several batches
+    mass = np.exp(logp).sum() * (2 * lim / (n - 1)) ** 2
+    assert mass == pytest.approx(1.0, abs=0.03)
+
+
+def test_density_grid_follows_the_model_dtype():
+    torch.manual_seed(0)
+    flow = CNF(ConcatSquashMLP(2, hidden=(8,)), (2,)).double()
+    _, _, logp = plot.density_grid(flow, n=5, rtol=1e-7, atol=1e-7)
+    assert logp.dtype == np.float64 and np.all(np.isfinite(logp))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"lim": -1.0}, "lim"),
+        ({"lim": float("inf")}, "lim"),
+        ({"n": 1}, "n must be"),
+        ({"n": 3.5}, "n must be"),
+        ({"batch": 0}, "batch"),
+    ],
+)
+def test_density_grid_rejects_bad_sizes(model, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        plot.density_grid(model, **kwargs)
+
+
+def test_density_grid_rejects_models_that_are_not_2d():
+    flow3 = CNF(ConcatSquashMLP(3, hidden=(8,)), (3,))
+    with pytest.raises(ValueError, match=r"event_shape must be \(2,\)"):
+        plot.density_grid(flow3, n=4)
+    with pytest.raises(ValueError, match="cnf.flow.Flow"):
+        plot.density_grid(lambda x: x, n=4)
+
+
+# ---------------------------------------------------------------------------- plot_density
+
+
+def test_plot_density_model_only(model):
+    _check_figure(plot.plot_density(model, n=10), panels=1)
+
+
+def test_plot_density_with_samples(model):
+    points = data.sample("8gaussians", 500, seed=0)
+    _check_figure(plot.plot_density(model, points, n=10, bins=20), panels=2)
+    _check_figure(plot.plot_density(model, torch.as_tensor(points), n=10), panels=2)
+
+
+def test_plot_density_with_closed_form_density(model):
+    fig = plot.plot_density(model, true_density=data.density("checkerboard"), n=10)
+    assert [ax.get_title() for ax in fig.axes] == ["true density", "model density"]
+    _check_figure(fig, panels=2)
+    points = data.sample("checkerboard", 100, seed=0)
+    fig = plot.plot_density(model, points, true_density=data.density("checkerboard"), n=10)
+    assert [ax.get_title() for ax in fig.axes][1:] == ["true density", "model density"]
+    _check_figure(fig, panels=3)
+
+
+def test_plot_density_rejects_bad_data(model):
+    with pytest.raises(ValueError, match=r"shape \(m, 2\)"):
+        plot.plot_density(model, np.zeros((10, 3)), n=5)
+    with pytest.raises(ValueError, match=r"shape \(m, 2\)"):
+        plot.plot_density(model, np.zeros(10), n=5)
+    with pytest.raises(ValueError, match="cnf.data.sample"):
+        plot.plot_density(model, "8gaussians", n=5)
+    with pytest.raises(ValueError, match="true_density="):
+        plot.plot_density(model, data.density("8gaussians"), n=5)
+    with pytest.raises(ValueError, match="log_density"):
+        plot.plot_density(model, true_density=np.zeros((5, 2)), n=5)
+
+
+# ---------------------------------------------------------------------------- plot_samples
+
+
+@pytest.mark.parametrize("kind", ["hist", "scatter"])
+def test_plot_samples(model, kind):
+    with torch.no_grad():
+        samples = model.sample(200)
+    _check_figure(plot.plot_samples(samples, kind=kind, bins=20), panels=1)
+    points = data.sample("moons", 300, seed=1)
+    _check_figure(plot.plot_samples(samples, points, kind=kind, bins=20), panels=2)
+
+
+def test_plot_samples_rejects_bad_input():
+    good = np.zeros((5, 2))
+    with pytest.raises(ValueError, match=r"samples must have shape \(m, 2\)"):
+        plot.plot_samples(np.zeros((5, 2, 1)))
+    with pytest.raises(ValueError, match=r"samples must have shape \(m, 2\)"):
+        plot.plot_samples(np.zeros((0, 2)))
+    with pytest.raises(ValueError, match=r"data must have shape \(m, 2\)"):
+        plot.plot_samples(good, np.zeros((5, 3)))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        plot.plot_samples(np.array([[0.0, np.nan]]))
+    with pytest.raises(ValueError, match="kind"):
+        plot.plot_samples(good, kind="contour")
+
+
+# ---------------------------------------------------------------------------- plot_trajectories
+
+
+def test_plot_trajectories(model):
+    n, k = 12, 9
+    fig = plot.plot_trajectories(model, n=n, times=k, seed=3)
+    lines = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)]
+    assert len(lines) == 1 and len(lines[0].get_segments()) == n * (k - 1)
+    # the colours follow time: the segments' values run over (0, T)
+    values = lines[0].get_array()
+    assert 0.0 < values.min() < values.max() < float(model.T)
+    _check_figure(fig, panels=1)
+
+
+def test_plot_trajectories_with_explicit_times(model):
+    fig = plot.plot_trajectories(model, n=5, times=[0.0, 0.3, 0.5], lim=None)
+    _check_figure(fig, panels=1)
+
+
+def test_plot_trajectories_rejects_bad_input(model):
+    with pytest.raises(ValueError, match="start at 0"):
+        plot.plot_trajectories(model, n=3, times=[0.1, 0.5])
+    with pytest.raises(ValueError, match="times"):
+        plot.plot_trajectories(model, n=3, times=1)
+    with pytest.raises(ValueError, match="increasing"):
+        plot.plot_trajectories(model, n=3, times=[0.0, 0.5, 0.4])
+    with pytest.raises(ValueError, match="n must be"):
+        plot.plot_trajectories(model, n=0)
+    with pytest.raises(ValueError, match="single cnf.flow.CNF"):
+        plot.plot_trajectories(SequentialFlow([model]), n=3)
+
+
+# ---------------------------------------------------------------------------- animate_flow
+
+
+def test_animate_flow_writes_a_gif_with_the_frames(model, tmp_path):
+    path = plot.animate_flow(model, tmp_path / "flow.gif", frames=4, n=50, grid=8, dpi=30)
+    assert path == tmp_path / "flow.gif" and path.is_file()
+    with Image.open(path) as gif:
+        assert gif.format == "GIF"
+        assert gif.n_frames == 4
+    assert plt.get_fignums() == []
+
+
+def test_animate_flow_rejects_bad_input(model, tmp_path):
+    with pytest.raises(ValueError, match=r"\.gif"):
+        plot.animate_flow(model, tmp_path / "flow.png", frames=2)
+    with pytest.raises(ValueError, match="does not exist"):
+        plot.animate_flow(model, tmp_path / "missing" / "flow.gif", frames=2)
+    with pytest.raises(ValueError, match="frames"):
+        plot.animate_flow(model, tmp_path / "flow.gif", frames=1)
+    with pytest.raises(ValueError, match="single cnf.flow.CNF"):
+        plot.animate_flow(SequentialFlow([model]), tmp_path / "flow.gif")
+
+
+class _LinearField(nn.Module):
+    r""":math:`f(t, z) = a t z`: :math:`z(t) = z(0) e^{a t^2 / 2}`, so :math:`z(t) \sim
+    \mathcal{N}(0, e^{a t^2} I)` for a standard normal base. Depends on absolute time."""
+
+    def __init__(self, a: float):
+        super().__init__()
+        self.a = nn.Parameter(torch.tensor(a, dtype=torch.float64))
+
+    def forward(self, t, z):
+        return self.a * t * z
+
+
+def test_intermediate_densities_are_the_flow_restricted_to_0_t():
+    a, T = 0.8, 1.5
+    flow = CNF(_LinearField(a), (2,), T=T, rtol=1e-8, atol=1e-8)
+    points = np.array([[0.0, 0.0], [1.0, -0.5], [2.0, 1.5]])
+    for t in (0.0, 0.5, 1.2, T):
+        var = math.exp(a * t * t)
+        expected = -0.5 * (points**2).sum(1) / var - math.log(2 * math.pi * var)
+        got = plot._log_prob_at(flow, t, points, batch=2, solver_kw={})
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_last_frame_density_is_the_model_density(model):
+    model.double()
+    tight = {"rtol": 1e-9, "atol": 1e-9}
+    points = data.sample("8gaussians", 6, seed=0)
+    got = plot._log_prob_at(model, float(model.T), points, batch=4, solver_kw=tight)
+    with torch.no_grad():
+        expected = model.log_prob(torch.as_tensor(points), **tight).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------- plot_curves
+
+
+def _history(n: int = 10) -> dict:
+    return {
+        "iteration": list(range(1, n + 1)),
+        "loss": list(np.linspace(3.0, 2.0, n)),
+        "nfe_forward": [20] * n,
+        "nfe_backward": [26] * n,
+        "eval_iteration": [1, n],
+        "eval_nll": [3.1, 2.1],
+        "seconds": [0.1] * n,  # extra keys are ignored
+    }
+
+
+def test_plot_curves():
+    _check_figure(plot.plot_curves(_history()), panels=2)
+
+
+def test_plot_curves_skips_missing_optional_keys():
+    history = _history()
+    del history["eval_iteration"], history["eval_nll"], history["nfe_backward"]
+    _check_figure(plot.plot_curves(history), panels=2)
+    del history["nfe_forward"]
+    _check_figure(plot.plot_curves(history), panels=1)
+
+
+@pytest.mark.parametrize("key", ["loss", "nfe_forward", "nfe_backward"])
+def test_plot_curves_rejects_mismatched_lengths(key):
+    history = _history()
+    history[key] = history[key][:-1]
+    with pytest.raises(ValueError, match=key):
+        plot.plot_curves(history)
+
+
+def test_plot_curves_rejects_bad_histories():
+    history = _history()
+    history["eval_nll"] = [3.0]
+    with pytest.raises(ValueError, match="eval_nll"):
+        plot.plot_curves(history)
+    history = _history()
+    del history["eval_nll"]
+    with pytest.raises(ValueError, match="both or neither"):
+        plot.plot_curves(history)
+    with pytest.raises(ValueError, match="missing"):
+        plot.plot_curves({"iteration": [1, 2]})
+    with pytest.raises(ValueError, match="1-D"):
+        plot.plot_curves({"iteration": [[1, 2]], "loss": [[1.0, 2.0]]})
+    with pytest.raises(ValueError, match="numbers"):
+        plot.plot_curves({"iteration": [1, 2], "loss": ["a", "b"]})
+    with pytest.raises(ValueError, match="mapping"):
+        plot.plot_curves([1, 2, 3])
