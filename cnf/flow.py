@@ -110,16 +110,36 @@ class StandardNormal(nn.Module):
         return -0.5 * z.square().sum(dims) - 0.5 * d * math.log(2 * math.pi)
 
     def sample(
-        self, sample_shape: Sequence[int] = (), generator: torch.Generator | None = None
+        self,
+        sample_shape: Sequence[int] = (),
+        generator: torch.Generator | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | None = None,
     ) -> Tensor:
+        """Standard normal draws of shape ``(*sample_shape, *event_shape)``.
+
+        ``dtype``/``device`` default to the module's (it follows ``.to()``).
+        """
         a = self._anchor
         shape = (*sample_shape, *self.event_shape)
-        return torch.randn(shape, generator=generator, dtype=a.dtype, device=a.device)
+        return torch.randn(
+            shape, generator=generator, dtype=dtype or a.dtype, device=device or a.device
+        )
+
+
+def _is_int(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool)
 
 
 def _sample_shape(n) -> tuple[int, ...]:
-    shape = (n,) if isinstance(n, int) and not isinstance(n, bool) else tuple(n)
-    if not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape):
+    if _is_int(n):
+        shape = (n,)
+    elif isinstance(n, (tuple, list, torch.Size)):
+        shape = tuple(n)
+    else:
+        shape = None
+    if not shape or not all(_is_int(s) and s > 0 for s in shape):
         raise ValueError(f"the number of samples must be a positive int or shape, got {n!r}")
     return shape
 
@@ -223,10 +243,23 @@ class Flow(nn.Module):
     def _sample(self, n, opts: dict, with_log_prob: bool) -> tuple[Tensor, Tensor | None]:
         shape = _sample_shape(n)
         generator = opts.get("generator")
+        ref = self._reference()
         if isinstance(self.base, StandardNormal):
-            z = self.base.sample((math.prod(shape),), generator=generator)
-        else:  # torch.distributions take no generator
+            z = self.base.sample(
+                (math.prod(shape),),
+                generator=generator,
+                dtype=None if ref is None else ref.dtype,
+                device=None if ref is None else ref.device,
+            )
+        else:
+            if generator is not None:
+                raise ValueError(
+                    "this flow's base is a torch.distributions object, which takes no generator; "
+                    "seed with torch.manual_seed instead, or use the default StandardNormal base"
+                )
             z = self.base.sample((math.prod(shape),))
+            if ref is not None:
+                z = z.to(dtype=ref.dtype, device=ref.device)
         out = self._inverse(z, opts, with_log_prob)
         x = out.z.reshape(*shape, *self.event_shape)
         if not with_log_prob:
@@ -362,10 +395,11 @@ class CNF(Flow):
         if not (isinstance(T, (int, float)) and T > 0 and math.isfinite(T)):
             raise ValueError(f"T must be a positive number, got {T!r}")
         self.field = field
-        if train_T:
-            self.sqrt_T = nn.Parameter(torch.tensor(math.sqrt(T)))
-        else:
-            self.register_buffer("sqrt_T", torch.tensor(math.sqrt(T)))
+        # T is kept as a Python float, exact in every dtype; a learned T is T0 * s^2 with the
+        # parameter s starting at exactly 1 (the square keeps T positive, as FFJORD's sqrt
+        # parametrisation does).
+        self.T0 = float(T)
+        self.T_scale = nn.Parameter(torch.ones(())) if train_T else None
         self.defaults = dict(
             trace=trace,
             noise=noise,
@@ -384,7 +418,14 @@ class CNF(Flow):
     @property
     def T(self) -> Tensor:
         """The integration time (a 0-dim tensor; differentiable when ``train_T``)."""
-        return self.sqrt_T.square()
+        ref = self._reference()
+        return self._span(torch.empty((), dtype=ref.dtype if ref is not None else None))
+
+    def _span(self, like: Tensor) -> Tensor:
+        """``T`` as a 0-dim tensor with ``like``'s dtype and device."""
+        if self.T_scale is None:
+            return torch.full((), self.T0, dtype=like.dtype, device=like.device)
+        return self.T0 * self.T_scale.to(like.dtype).square()
 
     def _settings(self, opts: dict) -> dict:
         s = {**self.defaults, **{k: v for k, v in opts.items() if v is not None}}
@@ -447,7 +488,7 @@ class CNF(Flow):
         return sol
 
     def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
-        T = self.T.to(x.dtype)
+        T = self._span(x)
         t = torch.stack([T, torch.zeros_like(T)])
         sol = self._solve(x, t, opts, regularizers, logdet=True)
         z, logdet = sol.ys[0][-1], sol.ys[1][-1]
@@ -458,7 +499,7 @@ class CNF(Flow):
         return out
 
     def _inverse(self, z: Tensor, opts: dict, with_logdet: bool) -> FlowOutput:
-        T = self.T.to(z.dtype)
+        T = self._span(z)
         t = torch.stack([torch.zeros_like(T), T])
         sol = self._solve(z, t, opts, False, logdet=with_logdet)
         if not with_logdet:
@@ -493,7 +534,7 @@ class CNF(Flow):
         times = torch.as_tensor(times, dtype=x.dtype, device=x.device)
         if times.dim() != 1 or times.numel() < 2:
             raise ValueError("times must be a 1-D sequence of at least two times")
-        T = float(self.T.detach())
+        T = float(self._span(x).detach())
         eps = 1e-6 * max(T, 1.0)
         if times.min().item() < -eps or times.max().item() > T + eps:
             raise ValueError(f"times must lie in [0, T] = [0, {T:g}]")
@@ -559,6 +600,56 @@ class SequentialFlow(Flow):
             out = step._inverse(total.z, opts, with_logdet)
             total = _accumulate(total, out)
         return total
+
+    def trajectory(
+        self,
+        x: Tensor,
+        times: Tensor | Sequence[float],
+        *,
+        direction: str = "generative",
+        **overrides,
+    ) -> Tensor:
+        """States along a sequence of CNF blocks, on one time axis through all of them.
+
+        The generative direction runs through the blocks from the last to the first
+        (``steps[-1]`` acts on base points); block ``k`` of that order occupies the times
+        ``[o_k, o_k + T_k]`` with ``o_k`` the sum of the earlier blocks' ``T``. Arguments and
+        result are as for :meth:`CNF.trajectory`, with times in ``[0, sum of T]``.
+        """
+        _check_choice("direction", direction, ("generative", "normalizing"))
+        x = self._check(x, "x")
+        if not all(isinstance(s, CNF) for s in self.steps):
+            raise ValueError("trajectory needs every step to be a CNF block")
+        taus = torch.as_tensor(times, dtype=x.dtype).detach().tolist()
+        forward = direction == "generative"
+        segments, start = [], 0.0
+        for block in reversed(self.steps):
+            span = float(block._span(x).detach())
+            segments.append((block, start, start + span))
+            start += span
+        if len(taus) < 2:
+            raise ValueError("times must be a 1-D sequence of at least two times")
+        if not forward:
+            segments.reverse()
+        states, state, now, rest = [x], x, taus[0], taus[1:]
+        for block, a, b in segments:
+            end = b if forward else a
+            if (end <= now) if forward else (end >= now):
+                continue  # this block lies behind the starting time
+            inside = [tau for tau in rest if (tau <= end if forward else tau >= end)]
+            rest = rest[len(inside) :]
+            local = [now - a] + [tau - a for tau in inside]
+            if rest and local[-1] != end - a:
+                local.append(end - a)  # carry the state to the block's far end
+            if len(local) > 1:
+                ys = block.trajectory(state, local, direction=direction, **overrides)
+                states.extend(ys[1 : 1 + len(inside)])
+                state, now = ys[-1], end
+            if not rest:
+                break
+        if rest:
+            raise ValueError(f"times must lie in [0, {start:g}] (the sum of the blocks' T)")
+        return torch.stack(states)
 
 
 def _accumulate(total: FlowOutput, out: FlowOutput) -> FlowOutput:
