@@ -33,11 +33,11 @@ def _device(name: str | None) -> torch.device:
 
 def _load(checkpoint: str, device: torch.device, use_ema: bool = True):
     from .models import build
-    from .train import History, load_checkpoint
+    from .train import CheckpointError, History, load_checkpoint
 
     state = load_checkpoint(checkpoint, map_location=device)
     if "spec" not in state or "data" not in state:
-        raise SystemExit(f"error: {checkpoint} has no model spec; was it written by `cnf train`?")
+        raise CheckpointError(f"{checkpoint} has no model spec; was it written by `cnf train`?")
     model = build(state["spec"]).to(device)
     weights = state["model"]
     if use_ema and "ema" in state:
@@ -139,8 +139,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     }
     entropy = _entropy(name)
     msg = (
-        f"{name}: test NLL {nll:.4f} nats on {args.n} fresh samples "
-        f"(exact trace, tol {args.tol:g})"
+        f"{name}: test NLL {nll:.4f} nats on {args.n} fresh samples (exact trace, tol {args.tol:g})"
     )
     if entropy is not None:
         result.update(entropy=entropy, gap=nll - entropy)
@@ -293,6 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:  # e.g. --resume with a checkpoint of a different architecture
+        if "state_dict" not in str(exc):
+            raise
+        print(f"error: the checkpoint does not fit this model ({str(exc)[:300]})", file=sys.stderr)
         return 2
 
 

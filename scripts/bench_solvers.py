@@ -186,9 +186,13 @@ def median_time(fn: Callable[[], object], budget: float = 1.0, max_reps: int = 1
 
 
 def loglog_interp(x: float, xs: list[float], ys: list[float]) -> float:
-    """y at x on the piecewise-linear log-log curve through (xs, ys), extrapolated at the ends."""
-    pts = sorted((math.log(a), math.log(b)) for a, b in zip(xs, ys) if a > 0 and b > 0)
-    if len(pts) < 2:
+    """y at x on the piecewise-linear log-log curve through (xs, ys); NaN outside its range."""
+    pts = sorted(
+        (math.log(a), math.log(b))
+        for a, b in zip(xs, ys)
+        if a > 0 and b > 0 and math.isfinite(a) and math.isfinite(b)
+    )
+    if len(pts) < 2 or not pts[0][0] <= math.log(x) <= pts[-1][0]:
         return math.nan
     lx = math.log(x)
     for (x0, y0), (x1, y1) in zip(pts[:-1], pts[1:]):
@@ -209,7 +213,8 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
     ]
     summary = [
         "",
-        "At equal error (peer interpolated at cnf's error; < 1 means cnf is cheaper):",
+        "At equal error (peer's error-cost curve interpolated in log-log at cnf's error; < 1 "
+        "means cnf is cheaper; (outside): cnf's error is outside the peer's measured range):",
         "",
         "| problem | method | tol | cnf error | time / torchdiffeq | time / zuko "
         "| NFE / torchdiffeq | NFE / zuko |",
@@ -225,9 +230,10 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
                     with torch.no_grad():
                         try:
                             out = run(f, p.y0, p.T)
-                        except Exception as exc:  # a peer failing is a result, not a crash
+                        except Exception as exc:  # a solver failing is a result, not a crash
+                            label = f"h={RK4_STEPS[tol]:g}" if method == "rk4" else f"{tol:g}"
                             lines.append(
-                                f"| {p.name} | {method} | {tol:g} | {solver} | failed: "
+                                f"| {p.name} | {method} | {label} | {solver} | failed: "
                                 f"{type(exc).__name__} | | |"
                             )
                             continue
@@ -251,7 +257,10 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
                     errs = [q[0] for q in pts]
                     t_peer = loglog_interp(err, errs, [q[1] for q in pts])
                     n_peer = loglog_interp(err, errs, [q[2] for q in pts])
-                    ratios.append((f"{dt / t_peer:.2f}", f"{nfe / n_peer:.2f}"))
+                    if math.isnan(t_peer):
+                        ratios.append(("(outside)", "(outside)"))
+                    else:
+                        ratios.append((f"{dt / t_peer:.2f}", f"{nfe / n_peer:.2f}"))
                 tol = TOLS[curves["cnf"].index((err, dt, nfe))]
                 summary.append(
                     f"| {p.name} | {method} | {tol:g} | {err:.2e} | {ratios[0][0]} | "
