@@ -274,14 +274,17 @@ def _parser() -> argparse.ArgumentParser:
 DEFAULTS = {
     "iters": 1000,
     "batch_size": 512,
-    "lr": 3e-3,
+    "lr": 5e-3,
     "schedule": "cosine",
     "kinetic": 0.0,
     "jacobian": 0.0,
-    "ema": None,
+    "ema": 0.995,
     "eval_every": 100,
 }
-"""Training defaults of ``cnf train`` (chosen for the 3-minute budget on 2 CPU cores)."""
+"""Training defaults of ``cnf train``, chosen for the 3-minute budget on 2 CPU cores: a large
+batch with a high, cosine-decayed learning rate and an EMA of the weights converges in 1000
+iterations to within 0.01 (8gaussians), 0.04 (pinwheel) and 0.2 nats (checkerboard) of the
+entropy (``scripts/quality_toy.py``)."""
 
 
 def main(argv: list[str] | None = None) -> int:

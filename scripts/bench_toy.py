@@ -1,0 +1,161 @@
+"""Train the same FFJORD-style 2-D model with torchdiffeq and with cnf, side by side.
+
+    pip install -e '.[bench]'
+    python scripts/bench_toy.py [--iters 500] [--data 8gaussians pinwheel checkerboard]
+
+Model (FFJORD's toy setting): ConcatSquash MLP 64-64-64, tanh, T = 0.5 (fixed), dopri5 at
+rtol = atol = 1e-5, adjoint gradients, batch 100, Adam 1e-3, exact trace. The torchdiffeq run is
+FFJORD's recipe: the joint ODE (z, log p) through ``torchdiffeq.odeint_adjoint`` with FFJORD's
+exact trace (one ``autograd.grad`` per dimension). The cnf runs use :class:`cnf.CNF` with the
+same field (same initial weights), and also show what the Hutchinson trace and the RNODE
+regularizers (weights 0.01) do. Every model is evaluated the same way: exact NLL (nats) with
+cnf at 1e-6 on 5000 fresh samples, at iterations 0, 100, 250 and the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+from torch import nn
+
+import cnf
+from cnf.data import density, sample_tensor, toy_sampler
+from cnf.train import MaximumLikelihood, evaluate_nll
+
+try:
+    import torchdiffeq
+except ImportError:  # pragma: no cover - optional peer
+    torchdiffeq = None
+
+
+class FFJORDFunc(nn.Module):
+    """FFJORD's ODE function: state (z, log p), exact trace by a loop over dimensions."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+        self.nfe = 0
+
+    def forward(self, t, state):
+        self.nfe += 1
+        z = state[0]
+        with torch.enable_grad():
+            z = z.requires_grad_(True)
+            f = self.field(t, z)
+            div = 0.0
+            for i in range(z.shape[1]):
+                div = div + torch.autograd.grad(f[:, i].sum(), z, create_graph=True)[0][:, i]
+        return f, -div
+
+
+def train_torchdiffeq(field, data, iters, evals, test, batch):
+    func = FFJORDFunc(field)
+    opt = torch.optim.Adam(field.parameters(), lr=1e-3)
+    flow = cnf.CNF(field, (2,), T=0.5)  # the evaluator only
+    t = torch.tensor([0.5, 0.0])
+    record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
+    for i in range(iters + 1):
+        if i in evals:
+            record["nll"][i] = evaluate_nll(flow, test, rtol=1e-6, atol=1e-6)
+        if i == iters:
+            break
+        x = data(batch, torch.Generator().manual_seed(i)).float()
+        tic = time.perf_counter()
+        func.nfe = 0
+        zero = torch.zeros(x.shape[0])
+        z, dlogp = torchdiffeq.odeint_adjoint(func, (x, zero), t, rtol=1e-5, atol=1e-5)
+        # integrated from T to 0 with d(-log p)/dt = tr: log p(x) = log N(z0) - dlogp(0)
+        logp = flow.base.log_prob(z[-1]) - dlogp[-1]
+        nfe_f = func.nfe
+        loss = -logp.mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        record["sec"].append(time.perf_counter() - tic)
+        record["nfe_f"].append(nfe_f)
+        record["nfe_b"].append(func.nfe - nfe_f)
+    return record
+
+
+def train_cnf(field, data, iters, evals, test, batch, trace="exact", reg=0.0):
+    flow = cnf.CNF(field, (2,), T=0.5, trace=trace, rtol=1e-5, atol=1e-5)
+    objective = MaximumLikelihood(kinetic=reg, jacobian=reg)
+    opt = torch.optim.Adam(field.parameters(), lr=1e-3)
+    record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
+    for i in range(iters + 1):
+        if i in evals:
+            record["nll"][i] = evaluate_nll(flow, test, rtol=1e-6, atol=1e-6)
+        if i == iters:
+            break
+        x = data(batch, torch.Generator().manual_seed(i)).float()
+        tic = time.perf_counter()
+        loss, metrics = objective(flow, x, torch.Generator().manual_seed(10_000 + i))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        record["sec"].append(time.perf_counter() - tic)
+        out = metrics["output"]
+        record["nfe_f"].append(out.nfe)
+        record["nfe_b"].append(out.nfe_backward)
+    return record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=500)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--data", nargs="+", default=["8gaussians", "pinwheel", "checkerboard"])
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    evals = sorted({0, min(100, args.iters), min(250, args.iters), args.iters})
+
+    print(
+        f"FFJORD-style model, {args.iters} iterations, batch {args.batch}, {args.threads} "
+        f"thread(s), torch {torch.__version__}"
+        + (f", torchdiffeq {torchdiffeq.__version__}" if torchdiffeq else "")
+        + ".\n"
+    )
+    header = (
+        "| data | run | s / iteration | fwd NFE | bwd NFE | "
+        + " | ".join(f"NLL @{i}" for i in evals)
+        + " |"
+    )
+    print(header)
+    print("|---" * (5 + len(evals)) + "|")
+    for name in args.data:
+        torch.manual_seed(0)
+        field0 = cnf.ConcatSquashMLP(2, hidden=(64, 64, 64), activation="tanh")
+        data = toy_sampler(name)
+        test = sample_tensor(name, 5000, seed=12345, dtype=torch.float32)
+        runs = [
+            ("cnf exact", train_cnf, {}),
+            ("cnf hutchinson", train_cnf, {"trace": "hutchinson"}),
+            ("cnf exact + RNODE", train_cnf, {"reg": 0.01}),
+        ]
+        if torchdiffeq is not None:
+            runs.insert(0, ("torchdiffeq (FFJORD)", train_torchdiffeq, {}))
+        entropy = density(name).entropy if name in ("8gaussians", "checkerboard") else None
+        for label, train, kw in runs:
+            r = train(copy.deepcopy(field0), data, args.iters, evals, test, args.batch, **kw)
+            n = len(r["sec"])
+            nlls = " | ".join(f"{r['nll'][i]:.3f}" for i in evals)
+            print(
+                f"| {name} | {label} | {sum(r['sec']) / n:.4f} | {sum(r['nfe_f']) / n:.1f} | "
+                f"{sum(r['nfe_b']) / n:.1f} | {nlls} |",
+                flush=True,
+            )
+        if entropy is not None:
+            print(
+                f"| {name} | (entropy) | | | | "
+                + " | ".join("" for _ in evals[:-1])
+                + f" | {entropy:.3f} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
