@@ -244,6 +244,8 @@ def fit(
     eval_data: Tensor | None = None,
     eval_every: int = 0,
     eval_solver: dict | None = None,
+    eval_fn: Callable[[Flow], float] | None = None,
+    keep_best: bool = False,
     ema: float | None = None,
     checkpoint_dir: str | os.PathLike | None = None,
     checkpoint_every: int = 100,
@@ -269,6 +271,11 @@ def fit(
         solver: per-call solver settings for training solves (e.g. ``dict(trace="hutchinson")``).
         eval_data: held-out data; its exact-trace NLL is recorded every ``eval_every``
             iterations and at the end, with ``eval_solver`` settings (default exact trace).
+        eval_fn: instead of ``eval_data``, any held-out score of the model, lower is better
+            (e.g. validation bits/dim averaged over dequantization draws); recorded in
+            ``History.eval_nll``.
+        keep_best: also write ``best.pt`` in ``checkpoint_dir`` whenever the evaluation
+            improves (early stopping for models that overfit).
         ema: decay of an exponential moving average of the weights used for evaluation and
             stored in checkpoints as ``"ema"`` (e.g. 0.999); None disables it.
         checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` iterations and at the
@@ -303,6 +310,10 @@ def fit(
         raise ValueError(f"ema must be a decay in (0, 1), got {ema}")
     if resume and checkpoint_dir is None:
         raise ValueError("resume needs checkpoint_dir")
+    if eval_data is not None and eval_fn is not None:
+        raise ValueError("give eval_data or eval_fn, not both")
+    if keep_best and (checkpoint_dir is None or (eval_data is None and eval_fn is None)):
+        raise ValueError("keep_best needs checkpoint_dir and eval_data or eval_fn")
 
     if device is not None:
         model.to(device)
@@ -339,8 +350,8 @@ def fit(
         history = History.from_dict(state["history"])
         start = int(state["iteration"])
 
-    def checkpoint(iteration: int) -> None:
-        if ckpt_path is None:
+    def checkpoint(iteration: int, path: Path | None = ckpt_path) -> None:
+        if path is None:
             return
         state = {
             "model": model.state_dict(),
@@ -353,12 +364,24 @@ def fit(
         }
         if averaged is not None:
             state["ema"] = averaged.state_dict()
-        save_checkpoint(ckpt_path, state)
+        save_checkpoint(path, state)
+
+    evaluating = eval_data is not None or eval_fn is not None
 
     def evaluate(iteration: int) -> None:
         target = averaged.module if averaged is not None else model
+        was_training = target.training
+        target.eval()
+        if eval_fn is not None:
+            value = float(eval_fn(target))
+        else:
+            value = evaluate_nll(target, eval_data, **dict(eval_solver or {}))
+        target.train(was_training)
+        best = min(history.eval_nll, default=math.inf)
         history.eval_iteration.append(iteration)
-        history.eval_nll.append(evaluate_nll(target, eval_data, **dict(eval_solver or {})))
+        history.eval_nll.append(value)
+        if keep_best and value < best:
+            checkpoint(iteration, ckpt_path.with_name("best.pt"))
 
     batches = _Batches(data, batch_size, seed)
     bar = None
@@ -408,7 +431,7 @@ def fit(
             history.nfe_forward.append(out.nfe if out is not None else 0)
             history.nfe_backward.append(out.nfe_backward if out is not None else 0)
             history.seconds.append(time.perf_counter() - tic)
-            if eval_data is not None and eval_every and (i + 1) % eval_every == 0 and i + 1 < iters:
+            if evaluating and eval_every and (i + 1) % eval_every == 0 and i + 1 < iters:
                 evaluate(i + 1)
             if bar is not None:
                 bar.update(1)
@@ -419,9 +442,7 @@ def fit(
                 )
             if ckpt_path is not None and (i + 1) % checkpoint_every == 0:
                 checkpoint(i + 1)
-        if eval_data is not None and (
-            not history.eval_iteration or history.eval_iteration[-1] != iters
-        ):
+        if evaluating and (not history.eval_iteration or history.eval_iteration[-1] != iters):
             evaluate(iters)
         checkpoint(iters)
     finally:

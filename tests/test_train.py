@@ -496,3 +496,43 @@ def test_progress_bar_shows_iterations(capsys):
     fit(_cnf(hidden=(8,)), torch.randn(32, 2), iters=3, batch_size=8, objective=_quadratic)
     err = capsys.readouterr().err
     assert "3/3" in err and "loss=" in err
+
+
+def test_eval_fn_and_keep_best_write_the_best_checkpoint(tmp_path):
+    """eval_fn scores the model; best.pt holds the weights of the lowest score seen."""
+    model = _cnf()
+    scores = iter([3.0, 1.0, 2.0, 5.0])
+    snapshots = {}
+
+    def score(m):
+        value = next(scores)
+        snapshots[value] = {k: v.clone() for k, v in m.state_dict().items()}
+        return value
+
+    history = fit(
+        model,
+        sample_tensor("8gaussians", 64, seed=0, dtype=torch.float32),
+        iters=8,
+        batch_size=16,
+        objective=_quadratic,
+        eval_fn=score,
+        eval_every=2,
+        checkpoint_dir=tmp_path,
+        keep_best=True,
+        progress=False,
+    )
+    assert history.eval_iteration == [2, 4, 6, 8] and history.eval_nll == [3.0, 1.0, 2.0, 5.0]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["iteration"] == 4
+    assert all(torch.equal(best["model"][k], v) for k, v in snapshots[1.0].items())
+    with pytest.raises(ValueError, match="keep_best"):
+        fit(_cnf(), toy_sampler("8gaussians"), iters=2, keep_best=True, progress=False)
+    with pytest.raises(ValueError, match="not both"):
+        fit(
+            _cnf(),
+            toy_sampler("8gaussians"),
+            iters=2,
+            eval_fn=score,
+            progress=False,
+            eval_data=sample_tensor("8gaussians", 8, seed=0),
+        )
