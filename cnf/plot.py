@@ -53,6 +53,7 @@ __all__ = [
     "density_grid",
     "plot_curves",
     "plot_density",
+    "plot_images",
     "plot_samples",
     "plot_trajectories",
 ]
@@ -669,4 +670,55 @@ def plot_curves(history: Mapping[str, Sequence[float]]) -> Figure:
         ax.set_ylabel("function evaluations")
         ax.set_title("NFE per iteration")
         ax.legend()
+    return fig
+
+
+def _tile(images: np.ndarray, ncol: int) -> np.ndarray:
+    """Tile ``(n, C, H, W)`` images in [0, 1] into one array with 1-pixel white gaps."""
+    n, c, h, w = images.shape
+    rows = math.ceil(n / ncol)
+    canvas = np.ones((rows * (h + 1) - 1, ncol * (w + 1) - 1, c))
+    for k in range(n):
+        r, q = divmod(k, ncol)
+        canvas[r * (h + 1) : r * (h + 1) + h, q * (w + 1) : q * (w + 1) + w] = images[k].transpose(
+            1, 2, 0
+        )
+    return canvas
+
+
+def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "data")) -> Figure:
+    """A grid of image samples, beside a grid of reference images (e.g. test images) if given.
+
+    Args:
+        samples: images of shape ``(n, C, H, W)`` with values in ``[0, 1]`` (``C`` is 1 or 3),
+            a tensor or an array; values outside are clipped.
+        reference: optional images of the same ``(C, H, W)``, drawn on the right.
+        ncol: images per row.
+        titles: panel titles.
+
+    Returns:
+        the Figure.
+    """
+    ncol = _check_int("ncol", ncol, 1)
+    panels = [samples] if reference is None else [samples, reference]
+    arrays = []
+    for name, imgs in zip(("samples", "reference"), panels):
+        a = imgs.detach().cpu().numpy() if isinstance(imgs, Tensor) else np.asarray(imgs)
+        if a.ndim != 4 or a.shape[1] not in (1, 3) or a.shape[0] < 1:
+            raise ValueError(f"{name} must have shape (n, C, H, W) with C = 1 or 3, got {a.shape}")
+        arrays.append(np.clip(a.astype(np.float64), 0.0, 1.0))
+    if len(arrays) == 2 and arrays[0].shape[1:] != arrays[1].shape[1:]:
+        raise ValueError(
+            f"samples {arrays[0].shape[1:]} and reference {arrays[1].shape[1:]} differ"
+        )
+    fig = Figure(figsize=(_PANEL * len(arrays), _PANEL), layout="compressed")
+    for k, a in enumerate(arrays):
+        ax = fig.add_subplot(1, len(arrays), k + 1)
+        grid = _tile(a, min(ncol, a.shape[0]))
+        if grid.shape[-1] == 1:
+            ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+        else:
+            ax.imshow(grid, interpolation="nearest")
+        ax.set_axis_off()
+        ax.set_title(f"{titles[k]} ({a.shape[0]})")
     return fig

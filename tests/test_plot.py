@@ -302,3 +302,17 @@ def test_plot_curves_rejects_bad_histories():
         plot.plot_curves({"iteration": [1, 2], "loss": ["a", "b"]})
     with pytest.raises(ValueError, match="mapping"):
         plot.plot_curves([1, 2, 3])
+
+
+def test_plot_images_grids_samples_beside_reference():
+    rng = np.random.default_rng(0)
+    fig = plot.plot_images(rng.random((10, 1, 8, 8)), rng.random((12, 1, 8, 8)), ncol=4)
+    assert isinstance(fig, Figure) and len(fig.axes) == 2
+    # the left panel is a 3 x 4 grid of 8x8 tiles with 1-pixel gaps: 3*9-1 by 4*9-1 pixels
+    assert fig.axes[0].images[0].get_array().shape == (26, 35)
+    fig.canvas.draw()
+    assert isinstance(plot.plot_images(torch.rand(3, 3, 4, 4)), Figure)
+    with pytest.raises(ValueError, match=r"\(n, C, H, W\)"):
+        plot.plot_images(rng.random((3, 8, 8)))
+    with pytest.raises(ValueError, match="differ"):
+        plot.plot_images(rng.random((3, 1, 8, 8)), rng.random((3, 1, 4, 4)))
