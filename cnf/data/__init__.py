@@ -1,4 +1,5 @@
-"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`)."""
+"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`) and images
+(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,23 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .images import (
+    IMAGE_NAMES,
+    ImageData,
+    load_cifar10,
+    load_digits,
+    load_images,
+    load_mnist,
+)
 from .toy import DENSITY_NAMES, NAMES, ToyDensity, density, sample
 
 __all__ = [
+    "IMAGE_NAMES",
+    "ImageData",
+    "load_cifar10",
+    "load_digits",
+    "load_images",
+    "load_mnist",
     "DENSITY_NAMES",
     "NAMES",
     "ToyDensity",
