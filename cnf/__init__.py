@@ -3,6 +3,8 @@
 * :mod:`cnf.ode`: the solver core (Runge-Kutta methods, adaptive steps, adjoint gradients);
 * :mod:`cnf.fields`: vector-field networks; :mod:`cnf.trace`: exact and Hutchinson divergences;
 * :mod:`cnf.flow`: the CNF model (joint ODE of state and log-density) and sequences of flows;
+* :mod:`cnf.transforms`, :mod:`cnf.multiscale`: logit/squeeze steps, bits/dim, FFJORD's
+  multiscale image model;
 * :mod:`cnf.data`: data sets; :mod:`cnf.train`: maximum-likelihood training.
 """
 
@@ -14,6 +16,7 @@ from .fields import (
     ConcatSquashMLP,
 )
 from .flow import CNF, Flow, FlowOutput, SequentialFlow, StandardNormal
+from .multiscale import MultiscaleCNF, cifar10_model, digits_model, mnist_model
 from .ode import (
     TABLEAUS,
     ButcherTableau,
@@ -28,6 +31,7 @@ from .ode import (
 __version__ = "0.1.0"
 
 from .trace import Divergence, divergence, divergence_exact, divergence_hutchinson, sample_noise
+from .transforms import LogitTransform, Squeeze, bits_per_dim, dequantize
 
 __all__ = [
     "ACTIVATIONS",
@@ -39,6 +43,14 @@ __all__ = [
     "Divergence",
     "Flow",
     "FlowOutput",
+    "LogitTransform",
+    "MultiscaleCNF",
+    "Squeeze",
+    "bits_per_dim",
+    "cifar10_model",
+    "dequantize",
+    "digits_model",
+    "mnist_model",
     "SequentialFlow",
     "StandardNormal",
     "divergence",

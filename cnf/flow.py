@@ -148,8 +148,9 @@ class Flow(nn.Module):
     """A density :math:`p(x) = p_{base}(z) |\\det \\partial z / \\partial x|`, ``z = transform(x)``.
 
     Subclasses implement ``_forward(x, regularizers, opts) -> FlowOutput`` (data to base) and
-    ``_inverse(z, opts) -> FlowOutput`` (base to data, with ``logdet = log|det dx/dz|``); this
-    class validates input, owns the base distribution and derives every public method.
+    ``_inverse(z, opts, with_logdet) -> FlowOutput`` (base to data, with
+    ``logdet = log|det dx/dz|``); this class validates input, owns the base distribution and
+    derives every public method.
 
     Solver settings can be overridden per call with keyword arguments (``trace``, ``noise``,
     ``probes``, ``generator``, ``method``, ``rtol``, ``atol``, ``logp_rtol``, ``logp_atol``,
