@@ -13,7 +13,10 @@ import torch
 from .fields import ACTIVATIONS, ConcatSquashMLP
 from .flow import CNF, Flow, SequentialFlow
 
-__all__ = ["TOY_DEFAULTS", "build", "toy_spec"]
+__all__ = ["IMAGE_MODELS", "TOY_DEFAULTS", "build", "image_spec", "toy_spec"]
+
+IMAGE_MODELS = ("digits", "mnist", "cifar10")
+"""Image data sets with a ready-made multiscale model (:mod:`cnf.multiscale`)."""
 
 TOY_DEFAULTS: dict[str, Any] = {
     "kind": "toy2d",
@@ -47,11 +50,41 @@ def toy_spec(**changes: Any) -> dict[str, Any]:
     return spec
 
 
+def image_spec(data: str, **options: Any) -> dict[str, Any]:
+    """The multiscale model for an image data set, with :class:`cnf.MultiscaleCNF` overrides.
+
+    ``options`` may set any argument of :class:`cnf.multiscale.MultiscaleCNF` (lists for
+    sequences) plus ``dtype``; they are checked by building the model once.
+    """
+    if data not in IMAGE_MODELS:
+        raise ValueError(f"unknown image data {data!r}; choose one of {IMAGE_MODELS}")
+    spec = {"kind": "image", "data": data, "options": dict(options)}
+    build(spec)  # validate now, not when a checkpoint is read back
+    return spec
+
+
+def _build_image(spec: dict[str, Any]) -> Flow:
+    from . import multiscale
+
+    options = dict(spec.get("options", {}))
+    dtype = options.pop("dtype", "float32")
+    if "hidden_channels" in options:
+        options["hidden_channels"] = tuple(int(c) for c in options["hidden_channels"])
+    make = {
+        "digits": multiscale.digits_model,
+        "mnist": multiscale.mnist_model,
+        "cifar10": multiscale.cifar10_model,
+    }[spec["data"]]
+    return make(**options).to(getattr(torch, dtype))
+
+
 def build(spec: dict[str, Any]) -> Flow:
     """Build the (untrained) model a spec describes."""
     kind = spec.get("kind")
+    if kind == "image":
+        return _build_image(spec)
     if kind != "toy2d":
-        raise ValueError(f"unknown model kind {kind!r}; this version builds 'toy2d'")
+        raise ValueError(f"unknown model kind {kind!r}; this version builds 'toy2d' and 'image'")
     spec = toy_spec(**{k: v for k, v in spec.items() if k != "kind"})
     blocks = [
         CNF(
