@@ -61,6 +61,8 @@ def _settings(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
     for key, value in defaults.items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.ema == 0:
+        args.ema = None
     return args
 
 
@@ -405,7 +407,7 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--fixed-T", action="store_true", help="do not learn the integration time")
     t.add_argument("--kinetic", type=float)
     t.add_argument("--jacobian", type=float)
-    t.add_argument("--ema", type=float)
+    t.add_argument("--ema", type=float, help="EMA decay of the weights; 0 turns it off")
     t.add_argument("--dtype", choices=("float32", "float64"), default=TOY_DEFAULTS["dtype"])
     t.add_argument("--draws", type=int, help="dequantization draws per evaluation (images)")
     t.add_argument("--eval-every", type=int)

@@ -152,15 +152,16 @@ def test_eval_reports_nll_entropy_and_gap(run, tmp_path, capsys):
     assert "gap" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("ema", [None, "0.5"])
+@pytest.mark.parametrize("ema", ["0", "0.5"])
 def test_eval_uses_the_trained_weights(tmp_path, ema):
     # `cnf eval --seed 1` draws the training run's held-out set (seed + 1) at its tolerance, so it
     # must reproduce the last held-out NLL of the history: the EMA weights when there are some.
+    # (--ema 0 turns the default EMA off.)
     out = tmp_path / "run"
-    extra = ("--iters", "3", "--no-plot") + (("--ema", ema) if ema else ())
+    extra = ("--iters", "3", "--no-plot", "--ema", ema)
     assert main(_train_args(out, *extra)) == 0
     state = load_checkpoint(out / "last.pt")
-    assert ("ema" in state) == (ema is not None)
+    assert ("ema" in state) == (ema != "0")
     path = tmp_path / "eval.json"
     argv = ["eval", "--checkpoint", str(out / "last.pt"), "--n", "200", "--seed", "1"]
     assert main([*argv, "--tol", "1e-5", "--json", str(path)]) == 0
