@@ -80,6 +80,28 @@ def _image_splits(args: argparse.Namespace):
     return full[:-n_val], full[-n_val:], test
 
 
+def _fit_options(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
+    """The arguments of :func:`cnf.train.fit` that every kind of data takes from the flags."""
+    return dict(
+        iters=args.iters,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        clip_grad=args.clip_grad,
+        kinetic=args.kinetic,
+        jacobian=args.jacobian,
+        eval_every=args.eval_every,
+        ema=args.ema,
+        checkpoint_dir=out,
+        checkpoint_every=args.checkpoint_every,
+        resume=args.resume,
+        seed=args.seed,
+        device=device,
+        progress=not args.quiet,
+    )
+
+
 def _levels(name: str) -> int:
     return 17 if name == "digits" else 256  # scikit-learn's digits have 17 grey levels
 
@@ -124,25 +146,10 @@ def _train_images(args: argparse.Namespace) -> int:
     history = fit(
         model,
         image_sampler(train, levels),
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        clip_grad=args.clip_grad,
-        kinetic=args.kinetic,
-        jacobian=args.jacobian,
         eval_fn=score,
-        eval_every=args.eval_every,
         keep_best=True,
-        ema=args.ema,
-        checkpoint_dir=out,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        device=device,
-        progress=not args.quiet,
         extra_state={"spec": spec, "data": args.data, "root": args.root or ""},
+        **_fit_options(args, out, device),
     )
     seconds = time.perf_counter() - tic
     (out / "history.json").write_text(json.dumps(history.to_dict()))
@@ -210,25 +217,10 @@ def _train_toy(args: argparse.Namespace) -> int:
     history = fit(
         model,
         toy_sampler(args.data),
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        clip_grad=args.clip_grad,
-        kinetic=args.kinetic,
-        jacobian=args.jacobian,
         eval_data=eval_data,
-        eval_every=args.eval_every,
         eval_solver={"rtol": args.tol, "atol": args.tol},
-        ema=args.ema,
-        checkpoint_dir=out,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        seed=args.seed,
-        device=device,
-        progress=not args.quiet,
         extra_state={"spec": spec, "data": args.data},
+        **_fit_options(args, out, device),
     )
     seconds = time.perf_counter() - tic
     (out / "history.json").write_text(json.dumps(history.to_dict()))
