@@ -51,11 +51,10 @@ class FFJORDFunc(nn.Module):
         return f, -div
 
 
-def train_torchdiffeq(field, data, iters, evals, test, batch):
-    func = FFJORDFunc(field)
+def run_loop(field, step, data, iters, evals, test, batch) -> dict:
+    """The shared loop: ``step(x, i) -> (loss, forward NFE, backward-NFE getter)``."""
+    flow = cnf.CNF(field, (2,), T=0.5)  # the evaluator, the same for every run
     opt = torch.optim.Adam(field.parameters(), lr=1e-3)
-    flow = cnf.CNF(field, (2,), T=0.5)  # the evaluator only
-    t = torch.tensor([0.5, 0.0])
     record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
     for i in range(iters + 1):
         if i in evals:
@@ -64,43 +63,43 @@ def train_torchdiffeq(field, data, iters, evals, test, batch):
             break
         x = data(batch, torch.Generator().manual_seed(i)).float()
         tic = time.perf_counter()
-        func.nfe = 0
-        zero = torch.zeros(x.shape[0])
-        z, dlogp = torchdiffeq.odeint_adjoint(func, (x, zero), t, rtol=1e-5, atol=1e-5)
-        # integrated from T to 0 with d(-log p)/dt = tr: log p(x) = log N(z0) - dlogp(0)
-        logp = flow.base.log_prob(z[-1]) - dlogp[-1]
-        nfe_f = func.nfe
-        loss = -logp.mean()
+        loss, nfe_f, nfe_b = step(x, i)
         opt.zero_grad()
         loss.backward()
         opt.step()
         record["sec"].append(time.perf_counter() - tic)
         record["nfe_f"].append(nfe_f)
-        record["nfe_b"].append(func.nfe - nfe_f)
+        record["nfe_b"].append(nfe_b())
     return record
+
+
+def train_torchdiffeq(field, data, iters, evals, test, batch):
+    func = FFJORDFunc(field)
+    base = cnf.StandardNormal((2,))
+    t = torch.tensor([0.5, 0.0])
+
+    def step(x, i):
+        func.nfe = 0
+        zero = torch.zeros(x.shape[0])
+        z, dlogp = torchdiffeq.odeint_adjoint(func, (x, zero), t, rtol=1e-5, atol=1e-5)
+        # integrated from T to 0 with d(-log p)/dt = tr: log p(x) = log N(z0) - dlogp(0)
+        logp = base.log_prob(z[-1]) - dlogp[-1]
+        nfe_f = func.nfe
+        return -logp.mean(), nfe_f, lambda: func.nfe - nfe_f
+
+    return run_loop(field, step, data, iters, evals, test, batch)
 
 
 def train_cnf(field, data, iters, evals, test, batch, trace="exact", reg=0.0):
     flow = cnf.CNF(field, (2,), T=0.5, trace=trace, rtol=1e-5, atol=1e-5)
     objective = MaximumLikelihood(kinetic=reg, jacobian=reg)
-    opt = torch.optim.Adam(field.parameters(), lr=1e-3)
-    record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
-    for i in range(iters + 1):
-        if i in evals:
-            record["nll"][i] = evaluate_nll(flow, test, rtol=1e-6, atol=1e-6)
-        if i == iters:
-            break
-        x = data(batch, torch.Generator().manual_seed(i)).float()
-        tic = time.perf_counter()
+
+    def step(x, i):
         loss, metrics = objective(flow, x, torch.Generator().manual_seed(10_000 + i))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        record["sec"].append(time.perf_counter() - tic)
         out = metrics["output"]
-        record["nfe_f"].append(out.nfe)
-        record["nfe_b"].append(out.nfe_backward)
-    return record
+        return loss, out.nfe, lambda: out.nfe_backward
+
+    return run_loop(field, step, data, iters, evals, test, batch)
 
 
 def main() -> None:
