@@ -451,7 +451,7 @@ IMAGE_DEFAULTS = {
     "schedule": "cosine",
     "kinetic": 0.0,
     "jacobian": 0.0,
-    "ema": 0.999,
+    "ema": 0.995,
     "eval_every": 250,
     "trace": "hutchinson",
     "tol": 1e-5,
