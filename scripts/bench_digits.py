@@ -93,8 +93,11 @@ def train(name, model, train_images, val_sets, test_sets, minutes, eval_seconds,
             pause = time.perf_counter()
             curve.append((elapsed, evaluate(model, val_sets), evaluate(model, test_sets), it))
             start += time.perf_counter() - pause  # evaluation time does not count as training
-            print(f"  {name}: {curve[-1][0]:6.0f} s  it {it:5d}  val {curve[-1][1]:.3f}  "
-                  f"test {curve[-1][2]:.3f}", flush=True)
+            print(
+                f"  {name}: {curve[-1][0]:6.0f} s  it {it:5d}  val {curve[-1][1]:.3f}  "
+                f"test {curve[-1][2]:.3f}",
+                flush=True,
+            )
             next_eval += eval_seconds
             if elapsed >= minutes * 60:
                 return curve
@@ -147,8 +150,17 @@ def main() -> None:
             lr, batch = 1e-3, 64
         else:
             raise SystemExit(f"unknown model {name!r}")
-        curve = train(name, model, train_images, val_sets, test_sets, args.minutes,
-                      args.eval_seconds, lr, batch)
+        curve = train(
+            name,
+            model,
+            train_images,
+            val_sets,
+            test_sets,
+            args.minutes,
+            args.eval_seconds,
+            lr,
+            batch,
+        )
         best = min(curve, key=lambda c: c[1])
         results[name] = (best, curve)
 
