@@ -216,22 +216,22 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
         "At equal error (peer's error-cost curve interpolated in log-log at cnf's error; < 1 "
         "means cnf is cheaper; (outside): cnf's error is outside the peer's measured range):",
         "",
-        "| problem | method | tol | cnf error | time / torchdiffeq | time / zuko "
+        "| problem | method | tol / step | cnf error | time / torchdiffeq | time / zuko "
         "| NFE / torchdiffeq | NFE / zuko |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for p in probs:
         ref = reference(p)
         for method in methods:
-            curves: dict[str, list[tuple[float, float, int]]] = {}
+            curves: dict[str, list[tuple[float, float, int, str]]] = {}
             for tol in TOLS:
+                label = f"h={RK4_STEPS[tol]:g}" if method == "rk4" else f"{tol:g}"
                 for solver, run in forward_runners(method, tol).items():
                     f = Counted(p.make())
                     with torch.no_grad():
                         try:
                             out = run(f, p.y0, p.T)
                         except Exception as exc:  # a solver failing is a result, not a crash
-                            label = f"h={RK4_STEPS[tol]:g}" if method == "rk4" else f"{tol:g}"
                             lines.append(
                                 f"| {p.name} | {method} | {label} | {solver} | failed: "
                                 f"{type(exc).__name__} | | |"
@@ -241,13 +241,12 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
                         err = (out - ref).abs().max().item()
                         field = f.field
                         dt = median_time(lambda run=run, field=field, p=p: run(field, p.y0, p.T))
-                    curves.setdefault(solver, []).append((err, dt, nfe))
-                    label = f"h={RK4_STEPS[tol]:g}" if method == "rk4" else f"{tol:g}"
+                    curves.setdefault(solver, []).append((err, dt, nfe, label))
                     lines.append(
                         f"| {p.name} | {method} | {label} | {solver} | {err:.2e} | {nfe} "
                         f"| {dt * 1e3:.2f} |"
                     )
-            for err, dt, nfe in curves.get("cnf", []):
+            for err, dt, nfe, label in curves.get("cnf", []):
                 ratios = []
                 for peer in ("torchdiffeq", "zuko"):
                     pts = curves.get(peer, [])
@@ -261,9 +260,8 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
                         ratios.append(("(outside)", "(outside)"))
                     else:
                         ratios.append((f"{dt / t_peer:.2f}", f"{nfe / n_peer:.2f}"))
-                tol = TOLS[curves["cnf"].index((err, dt, nfe))]
                 summary.append(
-                    f"| {p.name} | {method} | {tol:g} | {err:.2e} | {ratios[0][0]} | "
+                    f"| {p.name} | {method} | {label} | {err:.2e} | {ratios[0][0]} | "
                     f"{ratios[1][0]} | {ratios[0][1]} | {ratios[1][1]} |"
                 )
         print(f"forward: {p.name} done", file=sys.stderr)
