@@ -335,9 +335,11 @@ class _JointODE(nn.Module):
         return d.f, d.div, kinetic, d.frobenius
 
 
-def _check_choice(name: str, value, valid) -> None:
+def _check_choice(name: str, value, valid):
+    """``value`` if it is one of ``valid``, else a ValueError listing the valid ones."""
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, valid))}")
+    return value
 
 
 class CNF(Flow):

@@ -46,7 +46,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .flow import CNF, Flow, StandardNormal
+from .flow import CNF, Flow, StandardNormal, _check_choice
 
 __all__ = [
     "animate_flow",
@@ -91,12 +91,6 @@ def _check_positive(name: str, value) -> float:
     ):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
-
-
-def _check_choice(name: str, value, valid: Sequence[str]) -> str:
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(repr, valid))}")
-    return value
 
 
 def _as_points(x, name: str) -> np.ndarray:
