@@ -67,7 +67,7 @@ class _Tanh(_Activation):
 
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = torch.tanh(x)
-        return y, 1 - y * y
+        return y, torch.addcmul(y.new_ones(()), y, y, value=-1)  # 1 - y^2 in one op
 
 
 class _Softplus(_Activation):
@@ -76,8 +76,7 @@ class _Softplus(_Activation):
 
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = F.softplus(x, threshold=_SOFTPLUS_THRESHOLD)
-        dy = torch.where(x > _SOFTPLUS_THRESHOLD, torch.ones_like(x), torch.sigmoid(x))
-        return y, dy
+        return y, torch.sigmoid(x).masked_fill(x > _SOFTPLUS_THRESHOLD, 1.0)
 
 
 class _ELU(_Activation):
@@ -86,8 +85,8 @@ class _ELU(_Activation):
 
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
         y = F.elu(x)
-        # for x <= 0, elu(x) = exp(x) - 1, so its derivative exp(x) is y + 1
-        return y, torch.where(x > 0, torch.ones_like(x), y + 1)
+        # for x <= 0, elu(x) = exp(x) - 1, so its derivative exp(x) is y + 1; for x > 0, y > 0
+        return y, y.clamp(max=0) + 1
 
 
 class _Swish(_Activation):
@@ -103,7 +102,8 @@ class _Swish(_Activation):
     def value_and_derivative(self, x: Tensor) -> tuple[Tensor, Tensor]:
         bx = self.beta * x
         s = torch.sigmoid(bx)
-        return x * s, s * (1 + bx * (1 - s))
+        # s' = s (1 + bx (1 - s)) = s + bx (s - s^2), as two fused multiply-adds
+        return x * s, torch.addcmul(s, bx, torch.addcmul(s, s, s, value=-1))
 
 
 _ACTIVATION_CLASSES = {"tanh": _Tanh, "softplus": _Softplus, "swish": _Swish, "elu": _ELU}
@@ -173,6 +173,15 @@ class ConcatSquashLinear(nn.Module):
         t = _time(t, x)
         return self.linear(x) * self.gate(t) + self.shift(t)
 
+    def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """``(W, b, a, c, d)`` of the equation above, with ``a`` and ``d`` of shape ``(out, 1)``.
+
+        Each attribute is looked up once: a module attribute costs about as much as a small
+        tensor operation, and :class:`ConcatSquashMLP` gathers these on every evaluation.
+        """
+        linear, gate = self.linear, self.hyper_gate
+        return linear.weight, linear.bias, gate.weight, gate.bias, self.hyper_bias.weight
+
 
 class ConcatSquashMLP(nn.Module):
     r"""A vector field ``f(t, z)`` on :math:`\mathbb{R}^D`: ConcatSquash linear layers, activations.
@@ -227,6 +236,7 @@ class ConcatSquashMLP(nn.Module):
         hidden = _check_sizes("hidden", hidden)
         sizes = (dim, *hidden, dim)
         self.dim = dim
+        self._out_sizes = sizes[1:]  # of the layers, for splitting their concatenated gates
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activations = nn.ModuleList(_make_activation(activation) for _ in hidden)
         if zero_init_last:
@@ -249,34 +259,62 @@ class ConcatSquashMLP(nn.Module):
             ``dz/dt`` of shape ``(batch, dim)``.
         """
         self._check(z)
-        t = _time(t, z)
+        weights, biases = self._affine_maps(_time(t, z).reshape(1))
         x = z
-        for layer, act in zip(self.layers, self.activations):
-            x = act(layer.linear(x) * layer.gate(t) + layer.shift(t))
-        last = self.layers[-1]
-        return last.linear(x) * last.gate(t) + last.shift(t)
+        for v, b, act in zip(weights, biases, self.activations):
+            x = act(torch.addmm(b, x, v))
+        return torch.addmm(biases[-1], x, weights[-1])
+
+    def _affine_maps(self, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        r"""Every layer at time ``t`` as a plain affine map: :math:`L_k(t, x) = x V_k + b'_k`.
+
+        ``t`` is one scalar for the whole batch, so each layer's gate and shift fold into its
+        weights,
+
+        .. math::
+
+            V_k = (\operatorname{diag}(g_k) W_k)^\top, \quad b'_k = g_k \odot b_k + d_k t,
+            \qquad g_k = \sigma(a_k t + c_k),
+
+        which costs weight-sized operations in place of batch-sized ones. The gates and biases
+        of all layers are computed together, from the layers' concatenated hypernet
+        parameters: a few larger operations make a smaller autograd graph than many small ones.
+
+        Args:
+            t: time of shape ``(1,)``, with the parameters' dtype and device.
+
+        Returns:
+            ``([V_1, ..., V_{n+1}], [b'_1, ..., b'_{n+1}])``, shapes ``(in_k, out_k)`` (the
+            transposes, which :func:`torch.addmm` takes as they are) and ``(out_k,)``.
+        """
+        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
+        gate = torch.sigmoid(torch.addmv(torch.cat(c), torch.cat(a), t))  # (H,), H = sum out_k
+        bias = torch.addcmul(torch.mv(torch.cat(d), t), gate, torch.cat(b))
+        gates = gate.split_with_sizes(self._out_sizes)
+        return [wk.t() * g for wk, g in zip(w, gates)], bias.split_with_sizes(self._out_sizes)
 
     def forward_with_divergence(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
         r"""Evaluate ``f(t, z)`` and its exact divergence, with the Jacobian taken analytically.
 
-        The Jacobian of the network is a product of per-sample matrices,
+        With the time gates folded into the weights, :math:`W'_k = \operatorname{diag}(g_k) W_k`,
+        the Jacobian of the network is a product of per-sample matrices,
 
         .. math::
 
-            \frac{\partial f}{\partial z} = G\,W_{n+1}\,S_n W_n \cdots S_1 W_1, \qquad
-            S_k = \mathrm{diag}(s'(u_k) \odot g_k), \quad G = \mathrm{diag}(g_{n+1}),
+            \frac{\partial f}{\partial z} = W'_{n+1} S_n W'_n \cdots S_1 W'_1, \qquad
+            S_k = \operatorname{diag}(s'(u_k)),
 
-        with :math:`u_k` the pre-activations and :math:`g_k` the layers' time gates, and its
-        trace is a multilinear form in the per-sample slopes :math:`s_k = s'(u_k) \odot g_k`
-        whose coefficients depend on the weights only. It is evaluated with batched matrix
-        products, no autograd, folding the weights into shared tensors where possible:
+        with :math:`u_k` the pre-activations, and its trace is a multilinear form in the
+        per-sample slopes :math:`s'(u_k)` whose coefficients depend on the weights only. It is
+        evaluated with batched matrix products, no autograd, folding the weights into shared
+        tensors where possible:
 
-        * one hidden layer: :math:`s_1 \cdot \operatorname{diag}(W_1 G W_2)`;
-        * two: the bilinear form :math:`s_1^\top (A \odot W_2^\top) s_2`,
-          :math:`A = W_1 G W_3`;
+        * one hidden layer: :math:`s'(u_1) \cdot \operatorname{diag}(W'_1 W'_2)`;
+        * two: the bilinear form :math:`s'(u_1)^\top (A \odot W_2'^\top)\, s'(u_2)`,
+          :math:`A = W'_1 W'_3`;
         * three or more: whichever is cheaper of carrying the ``(batch, D, h_k)`` Jacobian
           forward (cost :math:`\propto D`) or going round
-          :math:`\operatorname{tr}(S_1 A S_n W_n \cdots S_2 W_2)` from :math:`S_1` (cost
+          :math:`\operatorname{tr}(S_1 A S_n W'_n \cdots S_2 W'_2)` from :math:`S_1` (cost
           :math:`\propto h_1 h_2 h_n`, independent of :math:`D`).
 
         The result is differentiable with respect to ``z`` and the parameters (the CNF
@@ -294,44 +332,38 @@ class ConcatSquashMLP(nn.Module):
             :math:`\operatorname{tr}(\partial f / \partial z)` of shape ``(batch,)``.
         """
         self._check(z)
-        t = _time(t, z)
-        x = z
-        slopes = []  # s'(u_k) * g_k, shape (batch, h_k): the diagonals of S_k
-        for layer, act in zip(self.layers, self.activations):
-            gate = layer.gate(t)
-            x, ds = act.value_and_derivative(layer.linear(x) * gate + layer.shift(t))
-            slopes.append(ds * gate)
-        last = self.layers[-1]
-        last_gate = last.gate(t)
-        f = last.linear(x) * last_gate + last.shift(t)
-        weights = [layer.linear.weight for layer in self.layers]
-        return f, _trace_of_chain(weights, slopes, last_gate[0])
+        weights, biases = self._affine_maps(_time(t, z).reshape(1))
+        x, slopes = z, []  # slopes: s'(u_k), shape (batch, h_k), the diagonals of S_k
+        for v, b, act in zip(weights, biases, self.activations):
+            x, ds = act.value_and_derivative(torch.addmm(b, x, v))
+            slopes.append(ds)
+        return torch.addmm(biases[-1], x, weights[-1]), _trace_of_chain(weights, slopes)
 
 
 def _trace_of_chain(
-    weights: Sequence[Tensor], slopes: Sequence[Tensor], gate: Tensor, strategy: str | None = None
+    weights: Sequence[Tensor], slopes: Sequence[Tensor], strategy: str | None = None
 ) -> Tensor:
-    r"""Trace of :math:`J = G W_{n+1} S_n W_n \cdots S_1 W_1` for every sample.
+    r"""Trace of :math:`J = W_{n+1} S_n W_n \cdots S_1 W_1` for every sample.
 
     Args:
-        weights: :math:`W_1, \dots, W_{n+1}`, shapes ``(h_1, D), (h_2, h_1), ..., (D, h_n)``.
+        weights: the transposes :math:`V_k = W_k^\top`, shapes
+            ``(D, h_1), (h_1, h_2), ..., (h_n, D)`` (for a :class:`ConcatSquashMLP`, of the
+            weights with the gates folded in).
         slopes: diagonals of :math:`S_1, \dots, S_n`, shapes ``(batch, h_k)``.
-        gate: diagonal of :math:`G`, shape ``(D,)`` (shared by the batch).
         strategy: for three or more hidden layers, ``"forward"``, ``"cycle"`` or None for the
             cheaper one (a test hook; both give the same value).
 
     Returns:
         shape ``(batch,)``.
     """
-    w, s, n = weights, slopes, len(slopes)
-    last = gate[:, None] * w[-1]  # G W_{n+1}, shape (D, h_n)
-    if n == 1:  # tr(S_1 W_1 G W_2) = s_1 . diag(W_1 G W_2)
-        return s[0] @ (w[0] * last.T).sum(1)
-    if n == 2:  # tr(S_1 A S_2 W_2) = s_1^T (A * W_2^T) s_2 with A = W_1 G W_3: a bilinear form
-        return ((s[0] @ ((w[0] @ last) * w[1].T)) * s[1]).sum(-1)
+    v, s, n = weights, slopes, len(slopes)
+    if n == 1:  # tr(S_1 W_1 W_2) = s_1 . diag(W_1 W_2)
+        return s[0] @ (v[0] * v[1].T).sum(0)
+    if n == 2:  # tr(S_1 A S_2 W_2) = s_1^T (A * W_2^T) s_2 with A = W_1 W_3: a bilinear form
+        return ((s[0] @ ((v[2] @ v[0]).T * v[1])) * s[1]).sum(-1)
 
-    batch, dim = s[0].shape[0], w[0].shape[1]
-    h = [x.shape[0] for x in w[:-1]]  # h_1 .. h_n
+    batch, dim = s[0].shape[0], v[0].shape[0]
+    h = [x.shape[1] for x in v[:-1]]  # h_1 .. h_n
     if strategy is None:
         # multiply-adds per sample of each way round; an elementwise product on a (batch, ., .)
         # tensor counts 4 per entry (memory-bound, and its backward costs two more)
@@ -344,25 +376,26 @@ def _trace_of_chain(
     if strategy == "forward":
         # x holds J_k^T = (W_k S_{k-1} ... S_1 W_1)^T, shape (batch, D, h_k), starting at k = 2
         # with one matrix product: x[b, d, k] = sum_i s_1[b, i] (W_1[i, d] W_2[k, i])
-        t2 = w[0][:, :, None] * w[1].T[:, None, :]  # (h_1, D, h_2)
+        t2 = v[0].T[:, :, None] * v[1][:, None, :]  # (h_1, D, h_2)
         x = (s[0] @ t2.reshape(h[0], -1)).reshape(batch, dim, h[1])
         for k in range(2, n):
-            x = F.linear(x * s[k - 1][:, None, :], w[k])
-        # tr(G W_{n+1} S_n J_n) as a matrix-vector product: no (batch, D, h_n) temporary
-        return (x * s[-1][:, None, :]).reshape(batch, -1) @ last.reshape(-1)
+            x = (x * s[k - 1][:, None, :]) @ v[k]
+        # tr(W_{n+1} S_n J_n): sum over D first, then the dot product with s_n
+        return ((x * v[-1].T).sum(1) * s[-1]).sum(-1)
     if strategy != "cycle":
         raise ValueError(f"unknown strategy {strategy!r}; valid: 'forward', 'cycle', None")
     # tr(J) = tr(S_1 A S_n W_n ... S_3 W_3 S_2 W_2): start the cycle with R = W_2 S_1 A, one
     # matrix product with the shared tensor T[i, k, j] = W_2[k, i] A[i, j] (D drops out)
-    a = w[0] @ last  # A = W_1 G W_{n+1}, shape (h_1, h_n)
-    t = w[1].T[:, :, None] * a[:, None, :]  # (h_1, h_2, h_n)
+    a = v[0].T @ v[-1].T  # A = W_1 W_{n+1}, shape (h_1, h_n)
+    # (h_1, h_2, h_n), from contiguous factors so that the reshape below is a view, not a copy
+    t = v[1].contiguous()[:, :, None] * a[:, None, :]
     if n == 3:
-        t = t * w[2].T  # fold W_3 in too: R[k, j] then carries W_3[j, k]
+        t = t * v[2]  # fold W_3 in too: R[k, j] then carries W_3[j, k]
     r = (s[0] @ t.reshape(h[0], -1)).reshape(batch, h[1], h[-1])
     if n > 3:
         for k in range(n - 1, 2, -1):  # R <- R S_{k+1} W_{k+1} for k + 1 = n, ..., 4
-            r = (r * s[k][:, None, :]) @ w[k]
-        r = r * w[2].T
+            r = (r * s[k][:, None, :]) @ v[k].T
+        r = r * v[2]
     # sum_{k, j} s_2[k] R[k, j] s_3[j] as a batched vector-matrix product: no temporary of R's size
     return (torch.bmm(s[1][:, None, :], r)[:, 0] * s[2]).sum(-1)
 

@@ -97,6 +97,24 @@ def test_mlp_shapes_and_dtypes(activation):
     assert all(p.dtype == F64 for p in field64.parameters())
 
 
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_mlp_folded_layers_equal_the_layers(activation):
+    # the MLP folds each layer's gate and shift into its weights (one affine map per layer);
+    # that must be the ConcatSquash equation, evaluated layer by layer
+    torch.manual_seed(7)
+    field = _randomize(ConcatSquashMLP(3, hidden=(5, 4), activation=activation).to(F64))
+    z, t = torch.randn(6, 3, dtype=F64), torch.tensor(0.45, dtype=F64)
+    weights, biases = field._affine_maps(t.reshape(1))
+    x = z
+    for k, layer in enumerate(field.layers):
+        torch.testing.assert_close(x @ weights[k] + biases[k], layer(t, x), rtol=1e-12, atol=1e-12)
+        x = layer(t, x)
+        if k < len(field.activations):
+            x = field.activations[k](x)
+    torch.testing.assert_close(field(t, z), x, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(field.forward_with_divergence(t, z)[0], x, rtol=1e-12, atol=1e-12)
+
+
 def test_conv_net_shapes():
     field = ConcatSquashConvNet(2, hidden_channels=(4, 6), activation="swish")
     z = torch.randn(3, 2, 5, 7)
@@ -204,7 +222,9 @@ def test_trace_of_chain_both_strategies(hidden, strategy):
     slopes = [torch.randn(5, h, dtype=F64) for h in hidden]
     gate = torch.rand(dim, dtype=F64)
     expected = _dense_chain_trace(weights, slopes, gate)
-    got = _trace_of_chain(weights, slopes, gate, strategy)
+    # _trace_of_chain takes the transposed weights, with the gate folded in: diag(g) W_{n+1}
+    folded = [*weights[:-1], gate[:, None] * weights[-1]]
+    got = _trace_of_chain([w.T for w in folded], slopes, strategy)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
