@@ -3,11 +3,12 @@
 * :mod:`cnf.ode`: the solver core (Runge-Kutta methods, adaptive steps, adjoint gradients);
 * :mod:`cnf.fields`: vector-field networks; :mod:`cnf.trace`: exact and Hutchinson divergences;
 * :mod:`cnf.flow`: the CNF model (joint ODE of state and log-density) and sequences of flows;
-* :mod:`cnf.transforms`, :mod:`cnf.multiscale`: logit/squeeze steps, bits/dim, FFJORD's
-  multiscale image model;
+* :mod:`cnf.transforms`, :mod:`cnf.multiscale`, :mod:`cnf.dense`: logit/squeeze steps,
+  bits/dim, FFJORD's multiscale image model and the dense model for small images;
 * :mod:`cnf.data`: data sets; :mod:`cnf.train`: maximum-likelihood training.
 """
 
+from .dense import DenseImageCNF, digits_dense_model
 from .fields import (
     ACTIVATIONS,
     ConcatSquashConv2d,
@@ -40,6 +41,7 @@ __all__ = [
     "ConcatSquashConvNet",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
+    "DenseImageCNF",
     "Divergence",
     "Flow",
     "FlowOutput",
@@ -49,6 +51,7 @@ __all__ = [
     "bits_per_dim",
     "cifar10_model",
     "dequantize",
+    "digits_dense_model",
     "digits_model",
     "mnist_model",
     "SequentialFlow",

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from cnf.cli import main
+from cnf.dense import digits_dense_model
 from cnf.multiscale import digits_model
 from cnf.train import evaluate_bits_per_dim, fit, image_sampler
 
@@ -14,9 +15,17 @@ pytest.importorskip("sklearn")
 from cnf.data import load_digits  # noqa: E402
 
 
-def test_short_digits_run_lowers_test_bits_per_dim():
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: digits_dense_model(hidden=(32, 32), rtol=1e-3, atol=1e-3),
+        lambda: digits_model(hidden_channels=(8, 8), rtol=1e-3, atol=1e-3),
+    ],
+    ids=["dense", "multiscale"],
+)
+def test_short_digits_run_lowers_test_bits_per_dim(make):
     torch.manual_seed(0)
-    model = digits_model(hidden_channels=(8, 8), rtol=1e-3, atol=1e-3)
+    model = make()
     train = load_digits("train").images
     test = load_digits("test").images[:64]
     solver = {
@@ -33,10 +42,13 @@ def test_short_digits_run_lowers_test_bits_per_dim():
     assert after < 8.0
 
 
-def test_cli_trains_and_evaluates_digits(tmp_path, capsys):
+@pytest.mark.parametrize("architecture", ["dense", "multiscale"])
+def test_cli_trains_and_evaluates_digits(tmp_path, capsys, architecture):
     out = tmp_path / "digits"
     argv = [
         "train",
+        "--architecture",
+        architecture,
         "--data",
         "digits",
         "--out",
@@ -60,6 +72,8 @@ def test_cli_trains_and_evaluates_digits(tmp_path, capsys):
     ]
     assert main(argv) == 0
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
+    spec = torch.load(out / "best.pt", weights_only=True)["spec"]
+    assert spec["architecture"] == architecture
     assert "test bits/dim" in capsys.readouterr().out
     result = tmp_path / "eval.json"
     assert (

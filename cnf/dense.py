@@ -1,0 +1,131 @@
+r"""A CNF with a dense (MLP) field on the flattened image: the fast model for small images.
+
+Data to base:
+
+1. the logit transform on the image (:class:`cnf.transforms.LogitTransform`; omitted with
+   ``alpha=None``);
+2. ``blocks`` CNF blocks on the flattened image, :math:`D = C H W`, each with a
+   :class:`cnf.fields.ConcatSquashMLP` field :math:`D \to h_1 \to \dots \to h_n \to D`.
+
+The event shape stays ``(C, H, W)``: inputs, latents and samples are images, so bits/dim,
+sampling and the image plots work as for :class:`cnf.multiscale.MultiscaleCNF`. Flattening is a
+reshape (log-determinant 0).
+
+Why a dense field for 8x8 digits: a 64-dimensional state is small enough that an MLP sees the
+whole image at once at a fraction of a conv field's cost per evaluation (about 0.2 M versus
+10 M multiply-adds per image for the digits configurations), and the exact trace of the MLP is
+analytic (:meth:`cnf.fields.ConcatSquashMLP.forward_with_divergence`), so evaluation with the
+exact trace is cheap too. For MNIST and CIFAR-10 the multiscale conv model is the right one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .fields import ConcatSquashMLP
+from .flow import CNF, Flow, FlowOutput, _accumulate
+from .transforms import LogitTransform, _image_shape
+
+__all__ = ["DenseImageCNF", "digits_dense_model"]
+
+
+class DenseImageCNF(Flow):
+    r"""CNF blocks with ConcatSquash MLP fields on flattened images (see the module docstring).
+
+    Args:
+        event_shape: image shape ``(C, H, W)``.
+        hidden: hidden sizes of every block's :class:`~cnf.fields.ConcatSquashMLP`.
+        activation: the fields' activation (ELU trains best on the digits; see
+            :func:`digits_dense_model`).
+        blocks: number of CNF blocks in sequence.
+        alpha: the logit transform's ``alpha`` (the data must be in ``[0, 1]``); None: no
+            logit transform.
+        T, train_T, trace, noise, method, rtol, atol, adjoint, adjoint_options: every block's
+            solver defaults (see :class:`cnf.flow.CNF`); all can be overridden per call, e.g.
+            ``log_prob(x, trace="exact")``.
+        zero_init_last: start every field at zero (the model starts as the logit transform).
+
+    Example:
+        >>> model = DenseImageCNF((1, 4, 4), hidden=(32, 32), alpha=0.05)
+        >>> model.log_prob(torch.rand(5, 1, 4, 4)).shape
+        torch.Size([5])
+    """
+
+    def __init__(
+        self,
+        event_shape: Sequence[int],
+        *,
+        hidden: Sequence[int] = (256, 256, 256),
+        activation: str = "elu",
+        blocks: int = 1,
+        alpha: float | None = 0.05,
+        T: float = 1.0,
+        train_T: bool = True,
+        trace: str = "hutchinson",
+        noise: str = "rademacher",
+        method: str = "dopri5",
+        rtol: float = 1e-5,
+        atol: float = 1e-5,
+        adjoint: bool = True,
+        adjoint_options: dict | None = None,
+        zero_init_last: bool = False,
+    ):
+        shape = _image_shape(event_shape)
+        super().__init__(shape)
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+            raise ValueError(f"blocks must be a positive int, got {blocks!r}")
+        self.dim = math.prod(shape)
+        self.alpha = alpha
+        self.logit = None if alpha is None else LogitTransform(shape, alpha)
+        self.blocks = nn.ModuleList(
+            CNF(
+                ConcatSquashMLP(self.dim, hidden, activation, zero_init_last=zero_init_last),
+                (self.dim,),
+                T=T,
+                train_T=train_T,
+                trace=trace,
+                noise=noise,
+                method=method,
+                rtol=rtol,
+                atol=atol,
+                adjoint=adjoint,
+                adjoint_options=adjoint_options,
+            )
+            for _ in range(blocks)
+        )
+
+    def extra_repr(self) -> str:
+        return f"event_shape={tuple(self.event_shape)}, alpha={self.alpha}"
+
+    def _run(self, steps, x: Tensor, call) -> FlowOutput:
+        total = FlowOutput(z=x, logdet=x.new_zeros(x.shape[0]))
+        for step in steps:
+            if isinstance(step, CNF):  # the blocks work on flat vectors, the rest on images
+                out = call(step, total.z.reshape(len(x), self.dim))
+                out.z = out.z.reshape(total.z.shape)
+            else:
+                out = call(step, total.z)
+            total = _accumulate(total, out)
+        return total
+
+    def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
+        steps = ([self.logit] if self.logit is not None else []) + list(self.blocks)
+        return self._run(steps, x, lambda step, v: step._forward(v, regularizers, opts))
+
+    def _inverse(self, z: Tensor, opts: dict, with_logdet: bool) -> FlowOutput:
+        steps = list(reversed(self.blocks)) + ([self.logit] if self.logit is not None else [])
+        return self._run(steps, z, lambda step, v: step._inverse(v, opts, with_logdet))
+
+
+def digits_dense_model(**kw) -> DenseImageCNF:
+    """The default model for scikit-learn's 8x8 digits, ``(1, 8, 8)``: one dense CNF block.
+
+    Logit ``alpha = 0.05``, a ConcatSquash MLP 64-256-256-256-64 with ELU, learned ``T``
+    starting at 1, Hutchinson (Rademacher) for training, dopri5 at ``rtol = atol = 1e-5``,
+    adjoint gradients. ``kw`` overrides any :class:`DenseImageCNF` argument.
+    """
+    args = dict(event_shape=(1, 8, 8), hidden=(256, 256, 256), activation="elu", alpha=0.05)
+    return DenseImageCNF(**{**args, **kw})
