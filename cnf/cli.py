@@ -115,7 +115,7 @@ def _image_eval_solver(model, tol: float) -> dict:
 
 
 def _train_images(args: argparse.Namespace) -> int:
-    from .models import build, image_spec
+    from .models import DEFAULT_ARCHITECTURE, build, image_spec
     from .train import evaluate_bits_per_dim, fit, image_sampler
 
     _settings(args, DIGITS_DEFAULTS if args.data == "digits" else IMAGE_DEFAULTS)
@@ -128,10 +128,10 @@ def _train_images(args: argparse.Namespace) -> int:
         options["T"] = args.T
     if args.fixed_T:
         options["train_T"] = False
-    spec = image_spec(args.data, args.architecture, **options)
+    architecture = args.architecture or DEFAULT_ARCHITECTURE[args.data]
     if args.hidden is not None:  # MLP sizes for a dense model, conv channels for a multiscale one
-        key = "hidden" if spec["architecture"] == "dense" else "hidden_channels"
-        spec = image_spec(args.data, spec["architecture"], **options, **{key: args.hidden})
+        options["hidden" if architecture == "dense" else "hidden_channels"] = args.hidden
+    spec = image_spec(args.data, architecture, **options)
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
     train, val, test = _image_splits(args)

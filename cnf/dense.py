@@ -100,24 +100,26 @@ class DenseImageCNF(Flow):
     def extra_repr(self) -> str:
         return f"event_shape={tuple(self.event_shape)}, alpha={self.alpha}"
 
-    def _run(self, steps, x: Tensor, call) -> FlowOutput:
-        total = FlowOutput(z=x, logdet=x.new_zeros(x.shape[0]))
-        for step in steps:
-            if isinstance(step, CNF):  # the blocks work on flat vectors, the rest on images
-                out = call(step, total.z.reshape(len(x), self.dim))
-                out.z = out.z.reshape(total.z.shape)
-            else:
-                out = call(step, total.z)
-            total = _accumulate(total, out)
+    def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
+        n = len(x)
+        total = FlowOutput(z=x, logdet=x.new_zeros(n))
+        if self.logit is not None:
+            total = self.logit._forward(x, regularizers, opts)
+        total.z = total.z.reshape(n, self.dim)  # the blocks work on flat vectors
+        for block in self.blocks:
+            total = _accumulate(total, block._forward(total.z, regularizers, opts))
+        total.z = total.z.reshape(x.shape)
         return total
 
-    def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
-        steps = ([self.logit] if self.logit is not None else []) + list(self.blocks)
-        return self._run(steps, x, lambda step, v: step._forward(v, regularizers, opts))
-
     def _inverse(self, z: Tensor, opts: dict, with_logdet: bool) -> FlowOutput:
-        steps = list(reversed(self.blocks)) + ([self.logit] if self.logit is not None else [])
-        return self._run(steps, z, lambda step, v: step._inverse(v, opts, with_logdet))
+        n = len(z)
+        total = FlowOutput(z=z.reshape(n, self.dim), logdet=z.new_zeros(n))
+        for block in reversed(self.blocks):
+            total = _accumulate(total, block._inverse(total.z, opts, with_logdet))
+        total.z = total.z.reshape(z.shape)
+        if self.logit is not None:
+            total = _accumulate(total, self.logit._inverse(total.z, opts, with_logdet))
+        return total
 
 
 def digits_dense_model(**kw) -> DenseImageCNF:
