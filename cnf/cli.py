@@ -131,6 +131,8 @@ def _train_images(args: argparse.Namespace) -> int:
     architecture = args.architecture or DEFAULT_ARCHITECTURE[args.data]
     if args.hidden is not None:  # MLP sizes for a dense model, conv channels for a multiscale one
         options["hidden" if architecture == "dense" else "hidden_channels"] = args.hidden
+    if args.blocks is not None:
+        options["blocks" if architecture == "dense" else "blocks_per_scale"] = args.blocks
     spec = image_spec(args.data, architecture, **options)
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
@@ -150,7 +152,7 @@ def _train_images(args: argparse.Namespace) -> int:
     tic = time.perf_counter()
     history = fit(
         model,
-        image_sampler(train, levels),
+        image_sampler(train, levels, translate=args.translate),
         eval_fn=score,
         keep_best=True,
         extra_state={"spec": spec, "data": args.data, "root": args.root or ""},
@@ -189,12 +191,15 @@ def _train_toy(args: argparse.Namespace) -> int:
     from .models import TOY_DEFAULTS, build, toy_spec
     from .train import fit
 
+    if args.translate is not None:
+        raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
     _settings(
         args,
         {
             **DEFAULTS,
             "hidden": TOY_DEFAULTS["hidden"],
             "activation": TOY_DEFAULTS["activation"],
+            "blocks": TOY_DEFAULTS["blocks"],
             "T": TOY_DEFAULTS["T"],
             "trace": TOY_DEFAULTS["trace"],
             "tol": TOY_DEFAULTS["rtol"],
@@ -410,7 +415,9 @@ def _parser() -> argparse.ArgumentParser:
         choices=ARCHITECTURES,
         help="image model family (default: dense for digits, multiscale for MNIST/CIFAR-10)",
     )
-    t.add_argument("--blocks", type=int, default=TOY_DEFAULTS["blocks"])
+    t.add_argument(
+        "--blocks", type=int, help="CNF blocks (2-D, dense image models) or blocks per scale"
+    )
     t.add_argument("--T", type=float)
     t.add_argument("--fixed-T", action="store_true", help="do not learn the integration time")
     t.add_argument("--kinetic", type=float)
@@ -418,6 +425,11 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--ema", type=float, help="EMA decay of the weights; 0 turns it off")
     t.add_argument("--dtype", choices=("float32", "float64"), default=TOY_DEFAULTS["dtype"])
     t.add_argument("--draws", type=int, help="dequantization draws per evaluation (images)")
+    t.add_argument(
+        "--translate",
+        type=float,
+        help="images: probability of moving a training image by one pixel (augmentation)",
+    )
     t.add_argument("--eval-every", type=int)
     t.add_argument("--eval-n", type=int, default=5000, help="held-out samples for the curves")
     t.add_argument("--checkpoint-every", type=int, default=100)
@@ -472,6 +484,7 @@ IMAGE_DEFAULTS = {
     "trace": "hutchinson",
     "tol": 1e-5,
     "draws": 2,
+    "translate": 0.0,
 }
 """Training defaults of ``cnf train`` for MNIST and CIFAR-10 (validation every 250 iterations;
 the checkpoint with the best validation bits/dim is kept as ``best.pt``)."""

@@ -455,12 +455,17 @@ def fit(
     return history
 
 
-def image_sampler(images: Tensor, levels: int) -> Sampler:
+def image_sampler(images: Tensor, levels: int, *, translate: float = 0.0) -> Sampler:
     """A sampler for :func:`fit` that draws training images and dequantizes them afresh.
 
     Args:
         images: integer images ``(n, C, H, W)`` with values in ``[0, levels)``.
         levels: number of grey levels ``k``.
+        translate: probability that a drawn image is moved by one pixel, with the vertical and
+            horizontal offsets drawn from ``{-1, 0, 1}`` (data augmentation against the
+            overfitting of small data sets such as the digits). The vacated border is filled
+            with level 0, the background of the digits and of MNIST. 0 draws exactly as
+            without augmentation.
 
     Returns:
         ``sampler(batch, generator) -> (batch, C, H, W)``: random images (with replacement),
@@ -468,11 +473,33 @@ def image_sampler(images: Tensor, levels: int) -> Sampler:
     """
     from .transforms import dequantize
 
+    if not (isinstance(translate, (int, float)) and 0.0 <= translate <= 1.0):
+        raise ValueError(f"translate must be a probability in [0, 1], got {translate!r}")
+    if translate and images.dim() != 4:
+        raise ValueError(f"translate needs images of shape (n, C, H, W), got {tuple(images.shape)}")
+
     def sampler(n: int, generator: torch.Generator) -> Tensor:
         idx = torch.randint(len(images), (n,), generator=generator)
-        return dequantize(images[idx], levels, generator=generator)
+        x = images[idx]
+        if translate:
+            x = _translate(x, translate, generator)
+        return dequantize(x, levels, generator=generator)
 
     return sampler
+
+
+def _translate(x: Tensor, p: float, generator: torch.Generator) -> Tensor:
+    """Move each image of ``x`` ``(n, C, H, W)`` by one pixel with probability ``p``."""
+    n, c, h, w = x.shape
+    offsets = torch.randint(3, (2, n), generator=generator)  # 0, 1, 2: up/left, none, down/right
+    moved = torch.rand(n, generator=generator) < p
+    offsets = torch.where(moved, offsets, 1)
+    padded = torch.nn.functional.pad(x, (1, 1, 1, 1))  # zeros: level 0 enters at the border
+    rows = (offsets[0, :, None] + torch.arange(h))[:, None, :, None]
+    cols = (offsets[1, :, None] + torch.arange(w))[:, None, None, :]
+    return padded[
+        torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols
+    ]
 
 
 @torch.no_grad()

@@ -286,3 +286,9 @@ def test_python_dash_m_cnf_help():
     for command in ("train", "eval", "sample", "plot"):
         assert command in done.stdout
     assert done.stderr == ""
+
+
+def test_translate_on_2d_data_is_an_error_message(tmp_path, capsys):
+    argv = ["train", "--data", "moons", "--out", str(tmp_path), "--translate", "0.5"]
+    assert main(argv) == 2
+    assert "does not apply to 2-D data" in capsys.readouterr().err

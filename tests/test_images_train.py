@@ -69,11 +69,16 @@ def test_cli_trains_and_evaluates_digits(tmp_path, capsys, architecture):
         "--no-plot",
         "--threads",
         "1",
+        "--blocks",
+        "2",
+        "--translate",
+        "0.5",
     ]
     assert main(argv) == 0
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     spec = torch.load(out / "best.pt", weights_only=True)["spec"]
     assert spec["architecture"] == architecture
+    assert spec["options"]["blocks" if architecture == "dense" else "blocks_per_scale"] == 2
     assert "test bits/dim" in capsys.readouterr().out
     result = tmp_path / "eval.json"
     assert (
