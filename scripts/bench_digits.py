@@ -24,7 +24,9 @@ is reported by the test bits/dim at its best validation point so far, at equal w
   ``--minutes`` (the issue's reference setting).
 * ``zcnf``: zuko's CNF (MLP 256-256-256, Hutchinson trace for training and evaluation), Adam
   1e-3, batch 64, for ``--minutes``.
-* a suffix ``@alpha`` (e.g. ``nsf@0.01``) gives a zuko flow another logit ``alpha``.
+* a suffix ``@alpha`` (e.g. ``nsf@0.01``) gives a zuko flow another logit ``alpha``, and a
+  suffix ``/tP`` (e.g. ``nsf@0.01/t0.5``) trains it on images moved by one pixel with
+  probability ``P`` (``cnf.train.image_sampler``'s ``translate``, cnf's digits augmentation).
 
 References: the uniform model (log2 17 = 4.09) and an independent per-pixel histogram fitted on
 train (add-one smoothing).
@@ -107,7 +109,7 @@ def run_cnf(train_images, val_sets, test_sets, eval_every: int, iters: int | Non
 
     fit(
         model,
-        image_sampler(train_images, LEVELS),
+        image_sampler(train_images, LEVELS, translate=s["translate"]),
         iters=s["iters"],
         batch_size=s["batch_size"],
         lr=s["lr"],
@@ -122,8 +124,11 @@ def run_cnf(train_images, val_sets, test_sets, eval_every: int, iters: int | Non
     return clock
 
 
-def run_zuko(name, flow, alpha, train_images, val_sets, test_sets, minutes, eval_seconds) -> Clock:
+def run_zuko(
+    name, flow, alpha, translate, train_images, val_sets, test_sets, minutes, eval_seconds
+) -> Clock:
     logit = LogitTransform((1, 8, 8), alpha)
+    sampler = image_sampler(train_images, LEVELS, translate=translate)
 
     def log_prob(x):
         z, logdet = logit.transform(x)
@@ -141,8 +146,7 @@ def run_zuko(name, flow, alpha, train_images, val_sets, test_sets, minutes, eval
             next_eval += eval_seconds
             if clock.curve[-1][0] >= minutes * 60:
                 return clock
-        idx = torch.randint(len(train_images), (64,), generator=g)
-        loss = -log_prob(dequantize(train_images[idx], LEVELS, generator=g).float()).mean()
+        loss = -log_prob(sampler(64, g).float()).mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -189,8 +193,10 @@ def main() -> None:
         if zuko is None:
             print(f"{name}: zuko is not installed, skipped")
             continue
-        kind, _, alpha = name.partition("@")  # e.g. nsf@0.01: the logit's alpha
+        rest, _, translate = name.partition("/t")  # e.g. nsf/t0.5: translations
+        kind, _, alpha = rest.partition("@")  # e.g. nsf@0.01: the logit's alpha
         alpha = float(alpha) if alpha else ALPHA
+        translate = float(translate) if translate else 0.0
         if kind == "nsf":
             flow = zuko.flows.NSF(D, transforms=5, hidden_features=(256, 256))
         elif kind == "maf":
@@ -198,12 +204,13 @@ def main() -> None:
         elif kind == "zcnf":
             flow = zuko.flows.CNF(D, hidden_features=(256, 256, 256), exact=False)
         else:
-            raise SystemExit(f"unknown model {name!r}; valid: cnf nsf maf zcnf (zuko: @alpha)")
+            raise SystemExit(f"unknown model {name!r}; valid: cnf nsf maf zcnf (zuko: @alpha, /tP)")
         clocks.append(
             run_zuko(
                 name,
                 flow,
                 alpha,
+                translate,
                 train_images,
                 val_sets,
                 test_sets,

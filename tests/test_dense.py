@@ -91,8 +91,10 @@ def test_gradients_reach_every_parameter():
 def test_digits_default_and_spec_round_trip():
     model = digits_dense_model()
     assert model.event_shape == (1, 8, 8) and model.dim == 64
-    field = model.blocks[0].field
-    assert [layer.linear.out_features for layer in field.layers] == [256, 256, 256, 64]
+    assert len(model.blocks) == 2 and model.alpha == 0.01
+    for block in model.blocks:
+        assert [layer.linear.out_features for layer in block.field.layers] == [256, 256, 64]
+        assert block.T0 == 0.5
     spec = image_spec("digits")
     assert spec["architecture"] == "dense" and isinstance(build(spec), DenseImageCNF)
     small = image_spec("digits", hidden=[8], activation="tanh", dtype="float64")
