@@ -6,6 +6,7 @@ with ``torch.load(..., weights_only=True)``; :func:`build` turns it into a model
 
 from __future__ import annotations
 
+from copy import deepcopy
 from typing import Any
 
 import torch
@@ -80,7 +81,14 @@ def image_spec(data: str, architecture: str | None = None, **options: Any) -> di
     architecture = architecture or DEFAULT_ARCHITECTURE[data]
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
-    spec = {"kind": "image", "data": data, "architecture": architecture, "options": dict(options)}
+    if data == "digits" and architecture == "dense":
+        from .dense import DIGITS_DENSE
+
+        # resolved, not only the overrides: a checkpoint must rebuild after a default changes
+        options = {**DIGITS_DENSE, **options}
+    # a copy: the spec must not share lists with the module's defaults or the caller
+    options = deepcopy(options)
+    spec = {"kind": "image", "data": data, "architecture": architecture, "options": options}
     build(spec)  # validate now, not when a checkpoint is read back
     return spec
 

@@ -8,6 +8,7 @@ architecture switch, and bad settings.
 import pytest
 import torch
 
+from cnf import dense
 from cnf.dense import DenseImageCNF, digits_dense_model
 from cnf.models import build, image_spec
 from cnf.multiscale import MultiscaleCNF
@@ -106,6 +107,19 @@ def test_digits_default_and_spec_round_trip():
     # specs saved before dense models existed carry no architecture: they are multiscale
     old = {"kind": "image", "data": "digits", "options": {"hidden_channels": [4]}}
     assert isinstance(build(old), MultiscaleCNF)
+
+
+def test_digits_spec_survives_a_change_of_defaults(monkeypatch):
+    """A digits spec stores the model's settings resolved, so the checkpoint it describes still
+    rebuilds after the package's defaults move on."""
+    spec = image_spec("digits", activation="tanh")
+    assert spec["options"] == {**dense.DIGITS_DENSE, "activation": "tanh"}
+    monkeypatch.setitem(dense.DIGITS_DENSE, "hidden", [16])
+    monkeypatch.setitem(dense.DIGITS_DENSE, "blocks", 1)
+    model = build(spec)
+    assert len(model.blocks) == 2
+    assert [layer.linear.out_features for layer in model.blocks[0].field.layers] == [256, 256, 64]
+    assert len(build(image_spec("digits")).blocks) == 1  # new specs take the new defaults
 
 
 @pytest.mark.parametrize(
