@@ -78,6 +78,8 @@ def test_cli_trains_and_evaluates_digits(tmp_path, capsys, architecture):
     assert (out / "best.pt").is_file() and (out / "last.pt").is_file()
     spec = torch.load(out / "best.pt", weights_only=True)["spec"]
     assert spec["architecture"] == architecture
+    # the dense field trains with its analytic exact trace; a conv field's would cost 64 VJPs
+    assert spec["options"]["trace"] == ("exact" if architecture == "dense" else "hutchinson")
     assert spec["options"]["blocks" if architecture == "dense" else "blocks_per_scale"] == 2
     assert "test bits/dim" in capsys.readouterr().out
     result = tmp_path / "eval.json"
