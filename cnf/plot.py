@@ -46,7 +46,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from .flow import CNF, Flow, StandardNormal, _check_choice
+from .flow import CNF, Flow, StandardNormal
 
 __all__ = [
     "animate_flow",
@@ -125,9 +125,11 @@ def _dtype_device(model: Flow) -> tuple[torch.dtype, torch.device]:
 # ---------------------------------------------------------------------------- computations
 
 
-def _grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+def _grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nodes ``linspace(-lim, lim, n)`` per axis as ``xx``, ``yy`` and points ``(n * n, 2)``."""
     axis = np.linspace(-lim, lim, n)
-    return np.meshgrid(axis, axis)  # xx[i, j] = axis[j], yy[i, j] = axis[i]
+    xx, yy = np.meshgrid(axis, axis)  # xx[i, j] = axis[j], yy[i, j] = axis[i]
+    return xx, yy, np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
 def _log_prob(model: Flow, points: np.ndarray, batch: int, solver_kw: dict) -> np.ndarray:
@@ -173,8 +175,7 @@ def density_grid(
     lim = _check_positive("lim", lim)
     n = _check_int("n", n, 2)
     batch = _check_int("batch", batch, 1)
-    xx, yy = _grid(lim, n)
-    points = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    xx, yy, points = _grid(lim, n)
     logp = _log_prob(model, points, batch, {"trace": trace, **solver_kw})
     return xx, yy, logp.reshape(n, n)
 
@@ -216,13 +217,28 @@ def _times(model: CNF, times) -> Tensor:
     return t  # the rest (increasing, within [0, T]) is checked by model.trajectory
 
 
+# The keyword arguments of CNF(...) that hold solver settings; _flow_until copies them.
+_SOLVER_SETTINGS = (
+    "trace",
+    "noise",
+    "probes",
+    "method",
+    "rtol",
+    "atol",
+    "logp_rtol",
+    "logp_atol",
+    "adjoint",
+    "adjoint_options",
+)
+
+
 def _flow_until(model: CNF, t: float) -> CNF:
     """The flow restricted to ``[0, t]``: same field (absolute time), same base and settings.
 
     The field's time argument is absolute (the CNF integrates it from 0 to T), so a CNF with
     ``T = t`` sharing the field maps the base to the distribution of ``z(t)``.
     """
-    settings = {k: v for k, v in model.defaults.items() if k != "options"}
+    settings = {key: model.defaults[key] for key in _SOLVER_SETTINGS}
     _, device = _dtype_device(model)
     flow = CNF(model.field, model.event_shape, T=t, base=model.base, **settings)
     return flow.to(device=device)
@@ -238,6 +254,21 @@ def _log_prob_at(
         with torch.no_grad():
             return model.base.log_prob(x).double().cpu().numpy()
     return _log_prob(_flow_until(model, t), points, batch, solver_kw)
+
+
+def _paths(
+    model: CNF, n: int, times, seed: int, solver_kw: dict, **pinned
+) -> tuple[np.ndarray, np.ndarray]:
+    """The states ``(k, n, 2)`` of ``n`` seeded base points at the ``k`` times, and the times.
+
+    ``pinned`` holds the caller's own trajectory options; ``model.trajectory`` receives them
+    beside ``solver_kw`` and rejects a key given in both.
+    """
+    t = _times(model, times)
+    z0 = _base_points(model, n, seed)
+    with torch.no_grad():
+        path = model.trajectory(z0, t, **pinned, **solver_kw)
+    return path.double().cpu().numpy(), t.double().cpu().numpy()
 
 
 # ---------------------------------------------------------------------------- drawing
@@ -296,6 +327,44 @@ def _points_panel(
         _square(ax, lim, title)
 
 
+def _density_inputs(data, bins, true_density) -> tuple[np.ndarray | None, int]:
+    """``data`` as checked points (or None) and ``bins``; ``true_density`` must have a method."""
+    if data is not None and callable(getattr(data, "log_density", None)):
+        raise ValueError("data is for points; pass a closed-form density as true_density=...")
+    data = None if data is None else _as_points(data, "data")
+    bins = _check_int("bins", bins, 1)
+    if true_density is not None and not callable(getattr(true_density, "log_density", None)):
+        raise ValueError(
+            f"true_density must have a log_density(points) method (e.g. "
+            f"cnf.data.density(name)), got {type(true_density).__name__}"
+        )
+    return data, bins
+
+
+def _true_log_density(true_density, xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    """The closed-form log-density at the grid nodes, shape ``xx.shape``, checked."""
+    truth = np.asarray(true_density.log_density(np.stack([xx, yy], axis=-1)), np.float64)
+    if truth.shape != xx.shape:
+        raise ValueError(
+            f"true_density.log_density must map points of shape (..., 2) to (...), "
+            f"got shape {truth.shape} for a grid of shape {(*xx.shape, 2)}"
+        )
+    return truth
+
+
+def _density_figure(data, truth, logp, lim: float, bins: int, cmap: str) -> Figure:
+    """Left to right: the data histogram and the true density (when given), the model density."""
+    panels = 1 + (data is not None) + (truth is not None)
+    fig = _new_figure(panels)
+    axes = list(fig.subplots(1, panels, squeeze=False)[0])
+    if data is not None:
+        _histogram(axes.pop(0), data, lim, bins, cmap, f"data ({len(data)} samples)")
+    if truth is not None:
+        _image(axes.pop(0), np.exp(truth), lim, cmap, "true density")
+    _image(axes.pop(0), np.exp(logp), lim, cmap, "model density")
+    return fig
+
+
 def plot_density(
     model: Flow,
     data=None,
@@ -336,34 +405,10 @@ def plot_density(
         ValueError: for a model that is not a 2-D flow, ``data`` not of shape ``(m, 2)``, a
             ``true_density`` without a working ``log_density``, or bad sizes.
     """
-    if data is not None and callable(getattr(data, "log_density", None)):
-        raise ValueError("data is for points; pass a closed-form density as true_density=...")
-    data = None if data is None else _as_points(data, "data")
-    bins = _check_int("bins", bins, 1)
-    if true_density is not None and not callable(getattr(true_density, "log_density", None)):
-        raise ValueError(
-            f"true_density must have a log_density(points) method (e.g. "
-            f"cnf.data.density(name)), got {type(true_density).__name__}"
-        )
+    data, bins = _density_inputs(data, bins, true_density)
     xx, yy, logp = density_grid(model, lim, n, batch, trace=trace, **solver_kw)
-    truth = None
-    if true_density is not None:
-        truth = np.asarray(true_density.log_density(np.stack([xx, yy], axis=-1)), np.float64)
-        if truth.shape != (n, n):
-            raise ValueError(
-                f"true_density.log_density must map points of shape (..., 2) to (...), "
-                f"got shape {truth.shape} for a grid of shape {(n, n, 2)}"
-            )
-
-    panels = 1 + (data is not None) + (truth is not None)
-    fig = _new_figure(panels)
-    axes = list(fig.subplots(1, panels, squeeze=False)[0])
-    if data is not None:
-        _histogram(axes.pop(0), data, lim, bins, cmap, f"data ({len(data)} samples)")
-    if truth is not None:
-        _image(axes.pop(0), np.exp(truth), lim, cmap, "true density")
-    _image(axes.pop(0), np.exp(logp), lim, cmap, "model density")
-    return fig
+    truth = None if true_density is None else _true_log_density(true_density, xx, yy)
+    return _density_figure(data, truth, logp, lim, bins, cmap)
 
 
 def plot_samples(
@@ -395,7 +440,8 @@ def plot_samples(
     samples = _as_points(samples, "samples")
     data = None if data is None else _as_points(data, "data")
     lim = _check_positive("lim", lim)
-    kind = _check_choice("kind", kind, ("hist", "scatter"))
+    if kind not in ("hist", "scatter"):
+        raise ValueError(f"unknown kind {kind!r}; choose one of hist, scatter")
     bins = _check_int("bins", bins, 1)
 
     fig = _new_figure(1 if data is None else 2)
@@ -403,6 +449,35 @@ def plot_samples(
     if data is not None:
         _points_panel(axes[0], data, kind, lim, bins, cmap, f"data ({len(data)} points)")
     _points_panel(axes[-1], samples, kind, lim, bins, cmap, f"model ({len(samples)} samples)")
+    return fig
+
+
+def _time_segments(path: np.ndarray, t: np.ndarray, cmap: str) -> LineCollection:
+    """The paths ``(k, n, 2)`` as line segments, each valued at its midpoint time."""
+    # segment s of path i joins path[s, i] and path[s + 1, i]
+    segments = np.stack([path[:-1], path[1:]], axis=2).transpose(1, 0, 2, 3).reshape(-1, 2, 2)
+    lines = LineCollection(
+        segments, cmap=cmap, norm=Normalize(t[0], t[-1]), linewidths=0.8, alpha=0.8
+    )
+    lines.set_array(np.tile(0.5 * (t[:-1] + t[1:]), path.shape[1]))
+    return lines
+
+
+def _trajectory_figure(path: np.ndarray, t: np.ndarray, lim: float | None, cmap: str) -> Figure:
+    """One panel of the paths ``(k, n, 2)`` coloured by time, their ends marked, a colorbar."""
+    fig = _new_figure(1, extra_width=0.8)
+    ax = fig.subplots()
+    lines = _time_segments(path, t, cmap)
+    ax.add_collection(lines)
+    colors = lines.get_cmap()([0.0, 1.0])
+    marker = {"edgecolors": "k", "linewidths": 0.4, "zorder": 3}
+    ax.scatter(*path[0].T, s=12, color=colors[0], label="t = 0 (base)", **marker)
+    ax.scatter(*path[-1].T, s=18, color=colors[1], marker="X", label=f"t = {t[-1]:.3g}", **marker)
+    if lim is None:
+        ax.autoscale_view()
+    _square(ax, lim, f"trajectories of {path.shape[1]} points")
+    ax.legend(loc="upper right", fontsize="small")
+    fig.colorbar(lines, ax=ax, label="t")
     return fig
 
 
@@ -443,33 +518,56 @@ def plot_trajectories(
     seed = _check_int("seed", seed, 0)
     if lim is not None:
         lim = _check_positive("lim", lim)
-    t = _times(model, times)
-    z0 = _base_points(model, n, seed)
-    with torch.no_grad():
-        path = model.trajectory(z0, t, direction="generative", **solver_kw)
-    path = path.double().cpu().numpy()  # (k, n, 2)
-    t = t.double().cpu().numpy()
+    path, t = _paths(model, n, times, seed, solver_kw, direction="generative")
+    return _trajectory_figure(path, t, lim, cmap)
 
-    # segment s of path i joins path[s, i] and path[s + 1, i]; it gets its midpoint time
-    segments = np.stack([path[:-1], path[1:]], axis=2).transpose(1, 0, 2, 3).reshape(-1, 2, 2)
-    seg_times = np.tile(0.5 * (t[:-1] + t[1:]), n)
-    fig = _new_figure(1, extra_width=0.8)
-    ax = fig.subplots()
-    lines = LineCollection(
-        segments, cmap=cmap, norm=Normalize(t[0], t[-1]), linewidths=0.8, alpha=0.8
-    )
-    lines.set_array(seg_times)
-    ax.add_collection(lines)
-    colors = lines.get_cmap()([0.0, 1.0])
-    marker = {"edgecolors": "k", "linewidths": 0.4, "zorder": 3}
-    ax.scatter(*path[0].T, s=12, color=colors[0], label="t = 0 (base)", **marker)
-    ax.scatter(*path[-1].T, s=18, color=colors[1], marker="X", label=f"t = {t[-1]:.3g}", **marker)
-    if lim is None:
-        ax.autoscale_view()
-    _square(ax, lim, f"trajectories of {n} points")
-    ax.legend(loc="upper right", fontsize="small")
-    fig.colorbar(lines, ax=ax, label="t")
-    return fig
+
+def _gif_path(path: str | os.PathLike) -> Path:
+    """``path`` as a Path, checked: a ``.gif`` name in a folder that exists."""
+    path = Path(path)
+    if path.suffix.lower() != ".gif":
+        raise ValueError(f"path must end in .gif (the animation is a GIF), got {str(path)!r}")
+    if not path.parent.is_dir():
+        raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
+    return path
+
+
+def _frame_densities(model: CNF, t: np.ndarray, lim: float, grid: int, batch: int, kw: dict):
+    """Yield the density of :math:`z(t_k)` on the ``grid x grid`` nodes, one frame at a time."""
+    _, _, points = _grid(lim, grid)
+    for t_k in t:
+        yield np.exp(_log_prob_at(model, float(t_k), points, batch, kw)).reshape(grid, grid)
+
+
+def _animation_figure(first: np.ndarray, lim: float, grid: int, cmap: str):
+    """The samples and density panels, laid out once: ``(fig, scatter, image, title)``."""
+    fig = _new_figure(2)
+    ax_samples, ax_density = fig.subplots(1, 2)
+    scatter = ax_samples.scatter(*first.T, s=3, alpha=0.6, linewidths=0)
+    _square(ax_samples, lim, "samples")
+    image = _image(ax_density, np.zeros((grid, grid)), lim, cmap, "density")
+    title = fig.suptitle("t")
+    # Drawing is most of the cost: dropping the tick labels (the title gives the square) and
+    # fixing the layout after one draw each halve it.
+    for ax in (ax_samples, ax_density):
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.draw_without_rendering()
+    fig.set_layout_engine("none")
+    return fig, scatter, image, title
+
+
+def _write_gif(path: Path, samples, densities, t, lim, grid, fps, dpi, cmap) -> None:
+    """One frame per time: the samples ``samples[k]`` beside the density ``densities[k]``."""
+    fig, scatter, image, title = _animation_figure(samples[0], lim, grid, cmap)
+    writer = PillowWriter(fps=fps)
+    with writer.saving(fig, str(path), dpi):
+        for k, density in enumerate(densities):
+            image.set_data(density)
+            image.set_norm(Normalize(0.0, max(float(density.max()), 1e-12)))
+            scatter.set_offsets(samples[k])
+            title.set_text(f"t = {t[k]:.3f} of T = {t[-1]:.3g}   (square [-{lim:g}, {lim:g}]²)")
+            writer.grab_frame()
 
 
 def animate_flow(
@@ -490,39 +588,25 @@ def animate_flow(
 ) -> Path:
     r"""Write an animated GIF of samples and density morphing from the base to the data.
 
-    Frame ``k`` shows time :math:`t_k = k T / (frames - 1)`: on the left the samples
-    :math:`z(t_k)` of ``n`` base points (one :meth:`~cnf.flow.CNF.trajectory` solve through all
-    frame times), on the right the density :math:`p_{t_k}` of :math:`z(t_k)` on a
-    ``grid x grid`` grid. That density is the flow restricted to :math:`[0, t_k]`,
-
-    .. math::
-
-        \log p_{t}(y) = \log p_{base}(z(0)) - \int_0^{t} \operatorname{tr}
-        \frac{\partial f}{\partial z}(s, z(s))\,ds, \qquad z(t) = y,
-
-    i.e. ``log_prob`` of a CNF with ``T = t`` sharing the model's field, base and settings (the
-    field's time is absolute); at :math:`t = 0` it is the base density. Each heatmap has its own
-    colour scale.
-
-    Cost: one density solve per frame over ``grid**2`` points, each on :math:`[0, t_k]` (so about
-    ``frames / 2`` full solves in all), plus drawing the frames. With the defaults a small model
-    (``ConcatSquashMLP(2, hidden=(16, 16))``) takes about 1 s on one CPU core (64-64-64:
-    about 2 s), most of it drawing; a trained model's solves take a few times more steps. The
-    GIF is about 200 KB.
+    Frame ``k``, at :math:`t_k = k T / (frames - 1)`, shows the samples :math:`z(t_k)` of ``n``
+    base points (one :meth:`~cnf.flow.CNF.trajectory` solve through all frame times) beside the
+    density :math:`p_{t_k}` of :math:`z(t_k)` on a ``grid x grid`` grid, each on its own colour
+    scale: :math:`p_0` is the base density, and for :math:`t > 0` :math:`p_t` is ``log_prob`` of
+    a CNF with ``T = t`` sharing the model's field (its time is absolute), base and settings,
+    :math:`\log p_t(y) = \log p_{base}(z(0)) - \int_0^t \operatorname{tr}\,\partial_z f(s, z(s))
+    \,ds` with :math:`z(t) = y`. Cost: one density solve of ``grid**2`` points on
+    :math:`[0, t_k]` per frame (about ``frames / 2`` full solves), plus the drawing, most of the
+    time for small models (timings in the module docstring); the GIF is about 200 KB.
 
     Args:
         model: a :class:`cnf.flow.CNF` with ``event_shape == (2,)``.
         path: where to write the GIF; must end in ``.gif`` and its folder must exist.
         frames: number of frames, >= 2 (the first at the base, the last at the data).
-        n: number of samples drawn in every frame.
-        lim: the square :math:`[-lim, lim]^2` shown.
-        grid: density grid nodes per axis, >= 2.
-        fps: frames per second.
+        n, lim: samples drawn in every frame; the square :math:`[-lim, lim]^2` shown.
+        grid, batch: density grid nodes per axis (>= 2); points per density solve.
+        fps, dpi: frames per second; resolution (each frame is 8 x 4 inches).
         seed: seed of the base points.
-        dpi: resolution of the frames (each frame is 8 x 4 inches).
-        batch: points per density solve.
-        cmap: colormap of the densities.
-        trace: the trace estimator of the densities; exact by default.
+        cmap, trace: colormap of the densities; their trace estimator (exact by default).
         **solver_kw: per-call solver settings for all solves.
 
     Returns:
@@ -533,11 +617,7 @@ def animate_flow(
             whose folder does not exist, or bad sizes.
     """
     _check_model(model, need_cnf=True)
-    path = Path(path)
-    if path.suffix.lower() != ".gif":
-        raise ValueError(f"path must end in .gif (the animation is a GIF), got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
+    path = _gif_path(path)
     frames = _check_int("frames", frames, 2)
     n = _check_int("n", n, 1)
     lim = _check_positive("lim", lim)
@@ -546,39 +626,80 @@ def animate_flow(
     seed = _check_int("seed", seed, 0)
     dpi = _check_int("dpi", dpi, 1)
     batch = _check_int("batch", batch, 1)
-
-    t = _times(model, frames)
-    with torch.no_grad():
-        samples = model.trajectory(_base_points(model, n, seed), t, **solver_kw)
-    samples = samples.double().cpu().numpy()  # (frames, n, 2)
-    t = t.double().cpu().numpy()
-    xx, yy = _grid(lim, grid)
-    points = np.stack([xx.ravel(), yy.ravel()], axis=1)
-    density_kw = {"trace": trace, **solver_kw}
-
-    fig = _new_figure(2)
-    ax_samples, ax_density = fig.subplots(1, 2)
-    scatter = ax_samples.scatter(*samples[0].T, s=3, alpha=0.6, linewidths=0)
-    _square(ax_samples, lim, "samples")
-    image = _image(ax_density, np.zeros((grid, grid)), lim, cmap, "density")
-    title = fig.suptitle("t")
-    # Drawing dominates the cost: no tick labels (the square is [-lim, lim]^2, said in the
-    # title) and one layout for all frames each halve it.
-    for ax in (ax_samples, ax_density):
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.draw_without_rendering()
-    fig.set_layout_engine("none")
-    writer = PillowWriter(fps=fps)
-    with writer.saving(fig, str(path), dpi):
-        for k in range(frames):
-            density = np.exp(_log_prob_at(model, float(t[k]), points, batch, density_kw))
-            image.set_data(density.reshape(grid, grid))
-            image.set_norm(Normalize(0.0, max(float(density.max()), 1e-12)))
-            scatter.set_offsets(samples[k])
-            title.set_text(f"t = {t[k]:.3f} of T = {t[-1]:.3g}   (square [-{lim:g}, {lim:g}]²)")
-            writer.grab_frame()
+    samples, t = _paths(model, n, frames, seed, solver_kw)
+    densities = _frame_densities(model, t, lim, grid, batch, {"trace": trace, **solver_kw})
+    _write_gif(path, samples, densities, t, lim, grid, fps, dpi, cmap)
     return path
+
+
+def _series(history: Mapping, key: str) -> np.ndarray:
+    """``history[key]`` as a 1-D float64 array, checked."""
+    try:
+        values = np.asarray(history[key], dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"history[{key!r}] must be a sequence of numbers: {err}") from None
+    if values.ndim != 1:
+        raise ValueError(f"history[{key!r}] must be 1-D, got shape {values.shape}")
+    return values
+
+
+def _check_history_keys(history) -> None:
+    """A mapping with ``iteration`` and ``loss``, and both or neither of the evaluation keys."""
+    if not isinstance(history, Mapping):
+        raise ValueError(f"history must be a mapping of name -> values, got {type(history)}")
+    missing = [key for key in ("iteration", "loss") if key not in history]
+    if missing:
+        raise ValueError(
+            f"history is missing {missing}; it needs 'iteration' and 'loss' (and optionally "
+            f"'nfe_forward', 'nfe_backward', 'eval_iteration', 'eval_nll')"
+        )
+    if ("eval_iteration" in history) != ("eval_nll" in history):
+        raise ValueError("'eval_iteration' and 'eval_nll' go together: give both or neither")
+
+
+def _per_iteration(history: Mapping, iterations: int) -> dict[str, np.ndarray]:
+    """The loss and the NFE series present, each checked to hold one value per iteration."""
+    keys = [key for key in ("loss", "nfe_forward", "nfe_backward") if key in history]
+    series = {key: _series(history, key) for key in keys}
+    for key, values in series.items():
+        if len(values) != iterations:
+            raise ValueError(
+                f"history[{key!r}] has {len(values)} values but history['iteration'] has "
+                f"{iterations}; record one value per iteration"
+            )
+    return series
+
+
+def _evaluations(history: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(eval_iteration, eval_nll)`` of equal lengths, or None when the history has neither."""
+    if "eval_iteration" not in history:
+        return None
+    evals = _series(history, "eval_iteration"), _series(history, "eval_nll")
+    if len(evals[0]) != len(evals[1]):
+        raise ValueError(
+            f"history['eval_nll'] has {len(evals[1])} values but history['eval_iteration'] "
+            f"has {len(evals[0])}; record one test NLL per evaluation"
+        )
+    return evals
+
+
+def _draw_loss(ax, iteration: np.ndarray, loss: np.ndarray, evals) -> None:
+    ax.plot(iteration, loss, lw=1, label="training loss")
+    if evals is not None:
+        ax.plot(*evals, "o-", ms=3, lw=1, label="test NLL")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("nats")
+    ax.set_title("loss")
+    ax.legend()
+
+
+def _draw_nfe(ax, iteration: np.ndarray, nfe: Mapping[str, np.ndarray]) -> None:
+    for key, values in nfe.items():
+        ax.plot(iteration, values, lw=1, label=key.split("_")[1])
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("function evaluations")
+    ax.set_title("NFE per iteration")
+    ax.legend()
 
 
 def plot_curves(history: Mapping[str, Sequence[float]]) -> Figure:
@@ -605,65 +726,17 @@ def plot_curves(history: Mapping[str, Sequence[float]]) -> Figure:
         ValueError: for a missing required key, values that are not 1-D sequences of numbers,
             mismatched lengths, or only one of ``eval_iteration`` / ``eval_nll``.
     """
-    if not isinstance(history, Mapping):
-        raise ValueError(f"history must be a mapping of name -> values, got {type(history)}")
-    missing = [key for key in ("iteration", "loss") if key not in history]
-    if missing:
-        raise ValueError(
-            f"history is missing {missing}; it needs 'iteration' and 'loss' (and optionally "
-            f"'nfe_forward', 'nfe_backward', 'eval_iteration', 'eval_nll')"
-        )
-    if ("eval_iteration" in history) != ("eval_nll" in history):
-        raise ValueError("'eval_iteration' and 'eval_nll' go together: give both or neither")
-
-    def series(key: str) -> np.ndarray:
-        try:
-            values = np.asarray(history[key], dtype=np.float64)
-        except (TypeError, ValueError) as err:
-            raise ValueError(f"history[{key!r}] must be a sequence of numbers: {err}") from None
-        if values.ndim != 1:
-            raise ValueError(f"history[{key!r}] must be 1-D, got shape {values.shape}")
-        return values
-
-    iteration = series("iteration")
-    per_iteration = {
-        key: series(key) for key in ("loss", "nfe_forward", "nfe_backward") if key in history
-    }
-    for key, values in per_iteration.items():
-        if len(values) != len(iteration):
-            raise ValueError(
-                f"history[{key!r}] has {len(values)} values but history['iteration'] has "
-                f"{len(iteration)}; record one value per iteration"
-            )
-    evals = None
-    if "eval_iteration" in history:
-        evals = series("eval_iteration"), series("eval_nll")
-        if len(evals[0]) != len(evals[1]):
-            raise ValueError(
-                f"history['eval_nll'] has {len(evals[1])} values but history['eval_iteration'] "
-                f"has {len(evals[0])}; record one test NLL per evaluation"
-            )
-
-    nfe_keys = [key for key in ("nfe_forward", "nfe_backward") if key in per_iteration]
-    panels = 2 if nfe_keys else 1
+    _check_history_keys(history)
+    iteration = _series(history, "iteration")
+    per_iteration = _per_iteration(history, len(iteration))
+    evals = _evaluations(history)
+    nfe = {key: per_iteration[key] for key in ("nfe_forward", "nfe_backward") if key in history}
+    panels = 2 if nfe else 1
     fig = _new_figure(panels, height=3.5, extra_width=0.5 * panels, square=False)
     axes = fig.subplots(1, panels, squeeze=False)[0]
-    ax = axes[0]
-    ax.plot(iteration, per_iteration["loss"], lw=1, label="training loss")
-    if evals is not None:
-        ax.plot(*evals, "o-", ms=3, lw=1, label="test NLL")
-    ax.set_xlabel("iteration")
-    ax.set_ylabel("nats")
-    ax.set_title("loss")
-    ax.legend()
-    if nfe_keys:
-        ax = axes[1]
-        for key in nfe_keys:
-            ax.plot(iteration, per_iteration[key], lw=1, label=key.split("_")[1])
-        ax.set_xlabel("iteration")
-        ax.set_ylabel("function evaluations")
-        ax.set_title("NFE per iteration")
-        ax.legend()
+    _draw_loss(axes[0], iteration, per_iteration["loss"], evals)
+    if nfe:
+        _draw_nfe(axes[1], iteration, nfe)
     return fig
 
 

@@ -3,6 +3,8 @@
 # ruff: noqa: E402  (the backend is chosen before pyplot is imported)
 from __future__ import annotations
 
+import ast
+import inspect
 import io
 import math
 
@@ -248,6 +250,27 @@ def test_last_frame_density_is_the_model_density(model):
     with torch.no_grad():
         expected = model.log_prob(torch.as_tensor(points), **tight).numpy()
     np.testing.assert_allclose(got, expected, atol=1e-7)
+
+
+def test_intermediate_flows_are_built_from_public_constructor_arguments():
+    # _flow_until rebuilds the model with T = t; what it copies must be CNF(...) keywords
+    keywords = {
+        name
+        for name, p in inspect.signature(CNF).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    assert set(plot._SOLVER_SETTINGS) <= keywords
+
+
+def test_plot_imports_no_private_names():
+    tree = ast.parse(inspect.getsource(plot))
+    imported = [
+        alias.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom | ast.Import)
+        for alias in node.names
+    ]
+    assert [name for name in imported if name.split(".")[-1].startswith("_")] == []
 
 
 # ---------------------------------------------------------------------------- plot_curves
