@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cnf.train import image_sampler
+from cnf.training import image_sampler
 from cnf.transforms import dequantize
 
 

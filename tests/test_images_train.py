@@ -8,7 +8,7 @@ import torch
 from cnf.cli import main
 from cnf.dense import digits_dense_model
 from cnf.multiscale import digits_model
-from cnf.train import evaluate_bits_per_dim, fit, image_sampler
+from cnf.training import evaluate_bits_per_dim, fit, image_sampler
 
 pytest.importorskip("sklearn")
 

@@ -1,4 +1,4 @@
-"""Tests of cnf.train: the loop lowers the NLL, resume is exact, failures keep good checkpoints."""
+"""Tests of the training loop: it lowers the NLL, resume is exact, failures keep checkpoints."""
 
 from __future__ import annotations
 
@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import cnf.train
+import cnf.training.checkpoint
 from cnf.data import sample_tensor, toy_sampler
 from cnf.fields import ConcatSquashMLP
 from cnf.flow import CNF
-from cnf.train import (
+from cnf.training import (
     CheckpointError,
     History,
     MaximumLikelihood,
@@ -380,7 +380,7 @@ def test_save_checkpoint_is_atomic(tmp_path, monkeypatch, error):
         f.write(b"PK\x03\x04 half a checkpoint")
         raise error
 
-    monkeypatch.setattr(cnf.train.torch, "save", torch_save_dies_half_way)
+    monkeypatch.setattr(cnf.training.checkpoint.torch, "save", torch_save_dies_half_way)
     with pytest.raises(type(error)):
         save_checkpoint(path, {"model": {"w": torch.zeros(3)}, "iteration": 2})
     with pytest.raises(type(error)):
@@ -420,6 +420,12 @@ def test_save_checkpoint_creates_folders_and_replaces(tmp_path):
         (dict(iters=3, resume=True), "resume needs checkpoint_dir"),
         (dict(iters=3, data=[[0.0, 1.0]]), "data must be a tensor"),
         (dict(iters=3, data=torch.zeros(0, 2)), "data is empty"),
+        (dict(iters=3, bogus=1), r"unknown keyword\(s\) \['bogus'\]"),
+        (dict(iters=3, kinetic=0.1), "configure the default objective"),
+        (dict(iters=3, final_weights="best"), "final_weights must be one of"),
+        (dict(iters=3, extra_state={"model": {}}), "checkpoint's own keys"),
+        (dict(iters=3, clip_grad=0.0), "clip_grad must be positive"),
+        (dict(iters=3, eval_fn=len, eval_every=-1), "eval_every must be an int"),
     ],
     ids=lambda v: v if isinstance(v, str) else None,
 )

@@ -1,0 +1,360 @@
+"""The training loop: :func:`fit`, its settings (:class:`FitConfig`) and :class:`Trainer`.
+
+One step draws batch ``i`` and the noise of iteration ``i`` (both pure functions of
+``(seed, i)``), asks the objective for the loss, checks it, back-propagates, checks the
+gradients, steps the optimiser and the schedule, and records the objective's metrics. Everything
+else (the weight average, evaluation, checkpoints, the progress bar) is a hook
+(:mod:`cnf.training.hooks`).
+
+The loop touches the model only through the objective (``objective(model, batch, generator)``)
+and its parameters and ``state_dict``, so a wrapped model trains the same way.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import RESERVED_KEYS, load_checkpoint, restore_training, training_state
+from .evaluation import evaluate_nll
+from .history import History
+from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
+from .objectives import MaximumLikelihood, Objective, resolve_metrics
+from .sampling import Batches, Sampler, derived_seed, seeded_generator
+
+__all__ = ["FINAL_WEIGHTS", "SCHEDULES", "FitConfig", "Trainer", "TrainingError", "fit"]
+
+SCHEDULES = ("constant", "cosine")
+"""Learning-rate schedules of :func:`fit`."""
+
+FINAL_WEIGHTS = ("ema", "raw")
+"""What the model holds after :func:`fit` when it kept an average (``final_weights``)."""
+
+NOISE_STREAM = 2
+"""The ``derived_seed`` stream of the objective's noise (batches use 0 and 1)."""
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+
+
+@dataclass(frozen=True, eq=False)
+class FitConfig:
+    """The settings of :func:`fit` (its keyword arguments), checked when made.
+
+    Attributes:
+        iters, epochs: length of training; exactly one of them (``epochs`` needs tensor data:
+            one epoch is ``n // batch_size`` steps).
+        batch_size: points per step.
+        lr, weight_decay: Adam's learning rate; ``AdamW`` with this decay when it is > 0.
+        schedule: ``"constant"`` or ``"cosine"`` (down to 0 at the last step).
+        clip_grad: clip the gradients' global norm to this value; None: no clipping.
+        objective: an :class:`Objective`; None: :class:`MaximumLikelihood` with ``kinetic``,
+            ``jacobian`` and ``solver``, which apply to that default only.
+        kinetic, jacobian: RNODE weights of the default objective.
+        solver: solver settings of the default objective, e.g. ``{"trace": "hutchinson"}``.
+        eval_data: held-out points; their NLL (:func:`evaluate_nll` with ``eval_solver``,
+            default exact trace) is recorded as ``eval_nll`` every ``eval_every`` steps and
+            after the last.
+        eval_every: steps between evaluations; 0: only after the last.
+        eval_solver: solver settings of the ``eval_data`` evaluation.
+        eval_fn: instead of ``eval_data``, any held-out score ``eval_fn(model) -> float``
+            (lower is better), e.g. validation bits/dim; recorded as ``eval_nll``.
+        keep_best: also write ``best.pt`` in ``checkpoint_dir`` whenever the evaluation
+            improves (early stopping for models that overfit).
+        ema: decay of an exponential moving average of the weights (e.g. 0.999), used for
+            evaluation and stored in checkpoints; None: no average.
+        final_weights: with ``ema``, what the model holds when :func:`fit` returns:
+            ``"ema"`` (default) the average, ``"raw"`` the optimiser's weights. Checkpoints
+            always hold both.
+        checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` steps and at the end.
+        checkpoint_every: steps between ``last.pt`` writes.
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists.
+        extra_state: plain data stored in every checkpoint (e.g. the model spec).
+        seed: seed of batches and noise.
+        device: where to train; None: where the model is.
+        progress: show a progress bar on stderr.
+    """
+
+    iters: int | None = None
+    epochs: int | None = None
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    schedule: str | None = "constant"
+    clip_grad: float | None = None
+    objective: Objective | None = None
+    kinetic: float = 0.0
+    jacobian: float = 0.0
+    solver: Mapping[str, Any] | None = None
+    eval_data: Tensor | None = None
+    eval_every: int = 0
+    eval_solver: Mapping[str, Any] | None = None
+    eval_fn: Callable[[nn.Module], float] | None = None
+    keep_best: bool = False
+    ema: float | None = None
+    final_weights: str = "ema"
+    checkpoint_dir: str | os.PathLike | None = None
+    checkpoint_every: int = 100
+    resume: bool = False
+    extra_state: Mapping[str, Any] | None = None
+    seed: int = 0
+    device: str | torch.device | None = None
+    progress: bool = True
+
+    def __post_init__(self):
+        self._check_length()
+        self._check_choices()
+        self._check_combinations()
+
+    @classmethod
+    def from_keywords(cls, settings: Mapping[str, Any]) -> FitConfig:
+        """``FitConfig(**settings)``, with a ValueError naming the valid keywords if needed."""
+        valid = [f.name for f in fields(cls)]
+        unknown = sorted(set(settings) - set(valid))
+        if unknown:
+            raise ValueError(f"fit got unknown keyword(s) {unknown}; valid: {valid}")
+        return cls(**settings)
+
+    def _check_length(self) -> None:
+        if (self.iters is None) == (self.epochs is None):
+            raise ValueError("give exactly one of iters or epochs")
+        for name in ("iters", "epochs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+
+    def _check_choices(self) -> None:
+        if self.schedule not in (None, *SCHEDULES):
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose 'constant' or 'cosine'")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
+        if self.final_weights not in FINAL_WEIGHTS:
+            raise ValueError(
+                f"final_weights must be one of {FINAL_WEIGHTS}, got {self.final_weights!r}"
+            )
+        if self.clip_grad is not None and not self.clip_grad > 0:
+            raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
+        taken = set(RESERVED_KEYS) & set(self.extra_state or {})
+        if taken:
+            raise ValueError(f"extra_state may not use the checkpoint's own keys {sorted(taken)}")
+
+    def _check_combinations(self) -> None:
+        if self.resume and self.checkpoint_dir is None:
+            raise ValueError("resume needs checkpoint_dir")
+        if self.eval_data is not None and self.eval_fn is not None:
+            raise ValueError("give eval_data or eval_fn, not both")
+        evaluates = self.eval_data is not None or self.eval_fn is not None
+        if self.keep_best and (self.checkpoint_dir is None or not evaluates):
+            raise ValueError("keep_best needs checkpoint_dir and eval_data or eval_fn")
+        if self.objective is not None and (self.kinetic or self.jacobian or self.solver):
+            raise ValueError(
+                "kinetic, jacobian and solver configure the default objective; with your own "
+                "objective, set them on it (e.g. MaximumLikelihood(kinetic=..., solver=...))"
+            )
+
+    def steps(self, data: Tensor | Sampler) -> int:
+        """Steps in all: ``iters``, or ``epochs`` times the full batches of tensor ``data``."""
+        if self.epochs is None:
+            return self.iters
+        if not isinstance(data, Tensor):
+            raise ValueError("epochs needs tensor data; use iters with a sampler")
+        return self.epochs * max(1, data.shape[0] // self.batch_size)
+
+
+def fit(model: nn.Module, data: Tensor | Sampler, **settings: Any) -> History:
+    """Train ``model`` on ``data`` and return what was measured.
+
+    The default objective is maximum likelihood (:class:`MaximumLikelihood`). Randomness is a
+    function of ``(seed, iteration)``, so a run resumed from its checkpoint ends exactly as the
+    uninterrupted run would have.
+
+    **Averaged weights.** With ``ema=...`` the model holds the average when ``fit`` returns
+    (``final_weights="ema"``, the default, matching :func:`cnf.training.load`); pass
+    ``final_weights="raw"`` to keep the optimiser's weights.
+
+    Args:
+        model: a :class:`cnf.Flow` or any module the objective can call.
+        data: training points ``(n, *event_shape)`` (shuffled each epoch) or a sampler
+            ``sampler(n, generator) -> (n, *event_shape)`` of fresh batches.
+        **settings: the fields of :class:`FitConfig`: ``iters`` or ``epochs``;
+            ``batch_size``, ``lr``, ``weight_decay``, ``schedule``, ``clip_grad``;
+            ``objective`` or ``kinetic``, ``jacobian``, ``solver``; ``eval_data``,
+            ``eval_every``, ``eval_solver``, ``eval_fn``, ``keep_best``; ``ema``,
+            ``final_weights``; ``checkpoint_dir``, ``checkpoint_every``, ``resume``,
+            ``extra_state``; ``seed``, ``device``, ``progress``.
+
+    Returns:
+        :class:`History`: ``iteration``, ``loss``, ``seconds``, the objective's metrics
+        (``nll``, ``nfe_forward``, ``nfe_backward``, ...), ``eval_iteration``, ``eval_nll``.
+
+    Raises:
+        ValueError: bad settings (before anything changes).
+        TrainingError: the loss or the gradients became NaN or Inf (the message names the
+            iteration; the last checkpoint on disk is the last good one).
+        CheckpointError: ``resume`` found a corrupt checkpoint or one of another model.
+
+    Example:
+        >>> history = fit(flow, toy_sampler("pinwheel"), iters=500, ema=0.999)  # doctest: +SKIP
+        >>> history.nll[-1], history.eval_nll  # doctest: +SKIP
+    """
+    return Trainer(model, data, FitConfig.from_keywords(settings)).run()
+
+
+class Trainer:
+    """One training run: the pieces :func:`fit` builds from a :class:`FitConfig`, and the loop.
+
+    Attributes:
+        model, objective, optimizer, scheduler, history: as the names say.
+        iteration: steps done; ``iters``: steps in all.
+        ema: the :class:`cnf.training.hooks.EMA` hook, or None.
+        hooks: in call order: average, evaluation, progress bar, checkpoints.
+    """
+
+    def __init__(self, model: nn.Module, data: Tensor | Sampler, config: FitConfig):
+        self.model, self.config, self.iters = model, config, config.steps(data)
+        ref = next(model.parameters())
+        self.device = torch.device(config.device) if config.device is not None else ref.device
+        self.dtype = ref.dtype
+        if isinstance(data, Tensor):
+            data = data.to(device=self.device, dtype=self.dtype)
+        self.batches = Batches(data, config.batch_size, config.seed)
+        self.objective = config.objective or MaximumLikelihood(
+            kinetic=config.kinetic, jacobian=config.jacobian, solver=dict(config.solver or {})
+        )
+        evaluation = self._evaluation()
+        self.checkpoints = None
+        if config.checkpoint_dir is not None:
+            self.checkpoints = Checkpointing(
+                config.checkpoint_dir, config.checkpoint_every, config.keep_best
+            )
+        model.to(self.device)  # after every check: a bad call leaves the model as it was
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        adam = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
+        self.optimizer = adam(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = learning_rate_schedule(self.optimizer, config.schedule, self.iters)
+        self.ema = EMA(model, config.ema) if config.ema is not None else None
+        progress = ProgressBar() if config.progress else None
+        hooks = (self.ema, evaluation, progress, self.checkpoints)
+        self.hooks: list[Hook] = [hook for hook in hooks if hook is not None]
+        self.history, self.iteration = History(), 0
+
+    def _evaluation(self) -> Evaluation | None:
+        config = self.config
+        if config.eval_fn is not None:
+            return Evaluation(config.eval_fn, config.eval_every)
+        if config.eval_data is None:
+            return None
+        held_out = config.eval_data.to(device=self.device, dtype=self.dtype)
+        score = functools.partial(evaluate_nll, data=held_out, **dict(config.eval_solver or {}))
+        return Evaluation(score, config.eval_every)
+
+    @property
+    def evaluation_model(self) -> nn.Module:
+        """The model that evaluation scores: the average if there is one."""
+        return self.ema.module if self.ema is not None else self.model
+
+    def run(self) -> History:
+        """Resume if asked, train to ``iters`` steps, run the hooks; returns the history."""
+        if self.config.resume:
+            self.resume()
+        self.model.train()
+        try:
+            for hook in self.hooks:
+                hook.start(self)
+            while self.iteration < self.iters:
+                self.step()
+                for hook in self.hooks:
+                    hook.after_step(self)
+            for hook in self.hooks:
+                hook.finish(self)
+        finally:
+            for hook in self.hooks:
+                hook.close()
+        if self.ema is not None and self.config.final_weights == "ema":
+            self.model.load_state_dict(self.ema.weights())
+        return self.history
+
+    def step(self) -> None:
+        """One optimiser step on batch ``iteration``; records its row of the history."""
+        i, tic = self.iteration, time.perf_counter()
+        batch = self.batches(i).to(device=self.device, dtype=self.dtype)
+        noise = seeded_generator(self.device, derived_seed(self.config.seed, NOISE_STREAM, i))
+        loss, metrics = self.objective(self.model, batch, noise)
+        if not bool(torch.isfinite(loss)):
+            self._stop(f"loss is {loss.item()} at iteration {i + 1}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if not bool(torch.isfinite(self._gradient_norm())):
+            self._stop(f"gradients are not finite at iteration {i + 1}")
+        self.optimizer.step()
+        self.scheduler.step()
+        values = resolve_metrics(metrics)  # after backward: adjoint NFE are known now
+        self.iteration = i + 1
+        self.history.record(i + 1, loss=loss.item(), **values, seconds=time.perf_counter() - tic)
+
+    def _gradient_norm(self) -> Tensor:
+        if self.config.clip_grad is not None:
+            return torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
+        norms = [p.grad.norm() for p in self.params if p.grad is not None]
+        return torch.stack(norms).norm() if norms else torch.zeros(())
+
+    def _stop(self, what: str) -> None:
+        where = f" at {self.checkpoints.last}" if self.checkpoints is not None else ""
+        raise TrainingError(
+            f"{what}; training stopped before the weights changed (the last good checkpoint "
+            f"is kept{where}). Try a lower lr, clip_grad, tighter solver tolerances or the "
+            "RNODE regularizers"
+        )
+
+    def state(self) -> dict[str, Any]:
+        """The run as a checkpoint (format 2, :mod:`cnf.training.checkpoint`)."""
+        return training_state(
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            history=self.history,
+            iteration=self.iteration,
+            seed=self.config.seed,
+            ema=self.ema,
+            extra=self.config.extra_state,
+        )
+
+    def resume(self) -> None:
+        """Continue from ``last.pt`` when it exists (else start afresh)."""
+        path = self.checkpoints.last
+        if not path.exists():
+            return
+        state = load_checkpoint(path, map_location=self.device)
+        self.history, self.iteration = restore_training(
+            state,
+            model=self.model,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            ema=self.ema,
+            source=str(path),
+        )
+
+
+def learning_rate_schedule(
+    optimizer: torch.optim.Optimizer, schedule: str | None, iters: int
+) -> torch.optim.lr_scheduler.LambdaLR:
+    r"""The learning-rate factor per step: 1 (``"constant"``, None), or cosine decay
+    :math:`\tfrac12 (1 + \cos(\pi \min(i, n) / n))` over ``iters`` = :math:`n` steps."""
+    if schedule in (None, "constant"):
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, iters) / iters))
+        )
+    raise ValueError(f"unknown schedule {schedule!r}; choose 'constant' or 'cosine'")
