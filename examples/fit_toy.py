@@ -3,13 +3,13 @@
 import torch
 
 import cnf
-import cnf.train
 from cnf.data import sample_tensor, toy_sampler
 from cnf.plot import plot_density
+from cnf.training import fit
 
 torch.manual_seed(0)
 flow = cnf.CNF(cnf.ConcatSquashMLP(2, hidden=(64, 64, 64)), (2,), T=0.5, train_T=True)
-history = cnf.train.fit(
+history = fit(
     flow,
     toy_sampler("pinwheel"),
     iters=300,

@@ -28,7 +28,7 @@ from torch import nn
 
 import cnf
 from cnf.data import density, sample_tensor, toy_sampler
-from cnf.train import MaximumLikelihood, evaluate_nll
+from cnf.training import MaximumLikelihood, evaluate_nll
 
 try:
     import torchdiffeq
@@ -120,8 +120,7 @@ def train_cnf(field, data, iters, evals, test, batch, trace="exact", reg=0.0):
 
     def step(x, i):
         loss, metrics = objective(flow, x, torch.Generator().manual_seed(10_000 + i))
-        out = metrics["output"]
-        return loss, out.nfe, lambda: out.nfe_backward
+        return loss, metrics["nfe_forward"], metrics["nfe_backward"]
 
     return run_loop(field, step, data, iters, evals, test, batch)
 

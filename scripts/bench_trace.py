@@ -135,7 +135,7 @@ def train_section(iters: int) -> str:
     """Forward/backward NFE and loss of short training runs with and without regularizers."""
     from cnf.data import sample_tensor, toy_sampler
     from cnf.flow import CNF
-    from cnf.train import evaluate_nll, fit
+    from cnf.training import evaluate_nll, fit
 
     variants = [
         ("exact", {}, {}),
