@@ -1,26 +1,29 @@
 """cnf: continuous normalizing flows for PyTorch.
 
-* :mod:`cnf.ode`: the solver core (Runge-Kutta methods, adaptive steps, adjoint gradients);
+The layers, from the bottom (``docs/architecture.md`` has the map):
+
+* :mod:`cnf.ode`: the solver core (Runge-Kutta methods, adaptive steps, adjoint strategies);
 * :mod:`cnf.fields`: vector-field networks; :mod:`cnf.trace`: exact and Hutchinson divergences;
-* :mod:`cnf.flow`: the CNF model (joint ODE of state and log-density) and sequences of flows;
-* :mod:`cnf.transforms`, :mod:`cnf.multiscale`, :mod:`cnf.dense`: logit/squeeze steps,
-  bits/dim, FFJORD's multiscale image model and the dense model for small images;
-* :mod:`cnf.data`: data sets; :mod:`cnf.train`: maximum-likelihood training.
+* :mod:`cnf.settings`: the solver settings of a CNF block and the per-call context;
+* :mod:`cnf.transforms`: the transform protocol, composition, reshape, logit and squeeze;
+  :mod:`cnf.continuous`: the CNF block (the joint ODE as a transform);
+* :mod:`cnf.flow`: a flow is a transform plus a base distribution (``log_prob``, ``sample``);
+  :mod:`cnf.dense`, :mod:`cnf.multiscale`: the image models;
+* :mod:`cnf.training`: objectives, the training loop, checkpoints; :mod:`cnf.recipes`: the
+  table of data sets with their models and training defaults; :mod:`cnf.data`: data sets.
 """
 
-from .dense import DenseImageCNF, digits_dense_model
-from .fields import (
-    ACTIVATIONS,
-    ConcatSquashConv2d,
-    ConcatSquashConvNet,
-    ConcatSquashLinear,
-    ConcatSquashMLP,
-)
+from importlib.metadata import PackageNotFoundError, version
+
+from .continuous import CNFTransform
+from .dense import DenseImageCNF
+from .fields import ConcatSquashConv2d, ConcatSquashConvNet, ConcatSquashLinear, ConcatSquashMLP
 from .flow import CNF, Flow, FlowOutput, SequentialFlow, StandardNormal
-from .multiscale import MultiscaleCNF, cifar10_model, digits_model, mnist_model
+from .multiscale import MultiscaleCNF
 from .ode import (
-    TABLEAUS,
+    Backsolve,
     ButcherTableau,
+    Checkpoint,
     Solution,
     SolverError,
     SolverStats,
@@ -28,44 +31,55 @@ from .ode import (
     odeint_adjoint,
     solve,
 )
+from .settings import SolverSettings
+from .trace import divergence, divergence_exact, divergence_hutchinson, sample_noise
+from .transforms import (
+    Compose,
+    LogitTransform,
+    Reshape,
+    Squeeze,
+    Transform,
+    bits_per_dim,
+    dequantize,
+)
 
-__version__ = "0.1.0"
-
-from .trace import Divergence, divergence, divergence_exact, divergence_hutchinson, sample_noise
-from .transforms import LogitTransform, Squeeze, bits_per_dim, dequantize
+try:
+    __version__ = version("cnf")
+except PackageNotFoundError:  # running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
-    "ACTIVATIONS",
+    "Backsolve",
+    "ButcherTableau",
     "CNF",
+    "CNFTransform",
+    "Checkpoint",
+    "Compose",
     "ConcatSquashConv2d",
     "ConcatSquashConvNet",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
     "DenseImageCNF",
-    "Divergence",
     "Flow",
     "FlowOutput",
     "LogitTransform",
     "MultiscaleCNF",
-    "Squeeze",
-    "bits_per_dim",
-    "cifar10_model",
-    "dequantize",
-    "digits_dense_model",
-    "digits_model",
-    "mnist_model",
+    "Reshape",
     "SequentialFlow",
+    "Solution",
+    "SolverError",
+    "SolverSettings",
+    "SolverStats",
+    "Squeeze",
     "StandardNormal",
+    "Transform",
+    "bits_per_dim",
+    "dequantize",
     "divergence",
     "divergence_exact",
     "divergence_hutchinson",
-    "sample_noise",
-    "TABLEAUS",
-    "ButcherTableau",
-    "Solution",
-    "SolverError",
-    "SolverStats",
     "odeint",
     "odeint_adjoint",
+    "sample_noise",
     "solve",
 ]

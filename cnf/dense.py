@@ -23,17 +23,19 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from torch import Tensor, nn
-
+from .continuous import CNFTransform
 from .fields import ConcatSquashMLP
-from .flow import CNF, Flow, FlowOutput, _accumulate
-from .transforms import LogitTransform, _image_shape
+from .flow import Flow
+from .settings import SolverSettings
+from .transforms import Compose, LogitTransform, Reshape, image_shape
 
 __all__ = ["DIGITS_DENSE", "DenseImageCNF", "digits_dense_model"]
 
 
 class DenseImageCNF(Flow):
     r"""CNF blocks with ConcatSquash MLP fields on flattened images (see the module docstring).
+
+    The transform is ``Compose([logit, Reshape(image -> D), block, ..., Reshape(D -> image)])``.
 
     Args:
         event_shape: image shape ``(C, H, W)``.
@@ -43,10 +45,11 @@ class DenseImageCNF(Flow):
         blocks: number of CNF blocks in sequence.
         alpha: the logit transform's ``alpha`` (the data must be in ``[0, 1]``); None: no
             logit transform.
-        T, train_T, trace, noise, method, rtol, atol, adjoint, adjoint_options: every block's
-            solver defaults (see :class:`cnf.flow.CNF`); all can be overridden per call, e.g.
-            ``log_prob(x, trace="exact")``.
+        T, train_T: every block's integration time, learned by default.
         zero_init_last: start every field at zero (the model starts as the logit transform).
+        **settings: every block's :class:`~cnf.settings.SolverSettings` (default here:
+            ``trace="hutchinson"``); all can be overridden per call, e.g.
+            ``log_prob(x, trace="exact")``.
 
     Example:
         >>> model = DenseImageCNF((1, 4, 4), hidden=(32, 32), alpha=0.05)
@@ -64,62 +67,36 @@ class DenseImageCNF(Flow):
         alpha: float | None = 0.05,
         T: float = 1.0,
         train_T: bool = True,
-        trace: str = "hutchinson",
-        noise: str = "rademacher",
-        method: str = "dopri5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        adjoint: bool = True,
-        adjoint_options: dict | None = None,
         zero_init_last: bool = False,
+        **settings,
     ):
-        shape = _image_shape(event_shape)
-        super().__init__(shape)
+        shape = image_shape(event_shape)
         if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
             raise ValueError(f"blocks must be a positive int, got {blocks!r}")
-        self.dim = math.prod(shape)
-        self.alpha = alpha
-        self.logit = None if alpha is None else LogitTransform(shape, alpha)
-        self.blocks = nn.ModuleList(
-            CNF(
-                ConcatSquashMLP(self.dim, hidden, activation, zero_init_last=zero_init_last),
-                (self.dim,),
-                T=T,
-                train_T=train_T,
-                trace=trace,
-                noise=noise,
-                method=method,
-                rtol=rtol,
-                atol=atol,
-                adjoint=adjoint,
-                adjoint_options=adjoint_options,
-            )
-            for _ in range(blocks)
-        )
+        dim = math.prod(shape)
+        solver = SolverSettings(**{"trace": "hutchinson", **settings})
+        steps = [] if alpha is None else [LogitTransform(shape, alpha)]
+        steps.append(Reshape(shape, (dim,)))
+        for _ in range(blocks):
+            field = ConcatSquashMLP(dim, hidden, activation, zero_init_last=zero_init_last)
+            steps.append(CNFTransform(field, (dim,), T=T, train_T=train_T, settings=solver))
+        steps.append(Reshape((dim,), shape))
+        super().__init__(Compose(steps))
+        self.dim, self.alpha = dim, alpha
+
+    @property
+    def logit(self) -> LogitTransform | None:
+        """The logit step, or None."""
+        first = self.transform.steps[0]
+        return first if isinstance(first, LogitTransform) else None
+
+    @property
+    def blocks(self) -> list[CNFTransform]:
+        """The CNF blocks, in the data-to-base order."""
+        return [s for s in self.transform.steps if isinstance(s, CNFTransform)]
 
     def extra_repr(self) -> str:
         return f"event_shape={tuple(self.event_shape)}, alpha={self.alpha}"
-
-    def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
-        n = len(x)
-        total = FlowOutput(z=x, logdet=x.new_zeros(n))
-        if self.logit is not None:
-            total = self.logit._forward(x, regularizers, opts)
-        total.z = total.z.reshape(n, self.dim)  # the blocks work on flat vectors
-        for block in self.blocks:
-            total = _accumulate(total, block._forward(total.z, regularizers, opts))
-        total.z = total.z.reshape(x.shape)
-        return total
-
-    def _inverse(self, z: Tensor, opts: dict, with_logdet: bool) -> FlowOutput:
-        n = len(z)
-        total = FlowOutput(z=z.reshape(n, self.dim), logdet=z.new_zeros(n))
-        for block in reversed(self.blocks):
-            total = _accumulate(total, block._inverse(total.z, opts, with_logdet))
-        total.z = total.z.reshape(z.shape)
-        if self.logit is not None:
-            total = _accumulate(total, self.logit._inverse(total.z, opts, with_logdet))
-        return total
 
 
 DIGITS_DENSE = {"hidden": [256, 256], "blocks": 2, "T": 0.5, "activation": "elu", "alpha": 0.01}

@@ -53,6 +53,22 @@ def _time(t: Tensor | float, like: Tensor) -> Tensor:
     return t.reshape(1, 1)
 
 
+def _no_context(field: nn.Module, context: Tensor | None) -> None:
+    """The fields here are unconditional: a context given to them is a mistake, not a no-op."""
+    if context is not None:
+        raise ValueError(
+            f"{type(field).__name__} is an unconditional field and takes no context; call the "
+            "flow without context=, or give it a field that uses one"
+        )
+
+
+def _zero_last(layer: nn.Module) -> None:
+    """Zero a ConcatSquash layer's map and time bias: the field starts at exactly 0."""
+    inner = layer.linear if hasattr(layer, "linear") else layer.conv
+    for p in (inner.weight, inner.bias, layer.hyper_bias.weight):
+        nn.init.zeros_(p)
+
+
 class _Activation(nn.Module):
     """An elementwise activation that also returns its derivative (for the analytic trace)."""
 
@@ -240,24 +256,24 @@ class ConcatSquashMLP(nn.Module):
         self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
         self.activations = nn.ModuleList(_make_activation(activation) for _ in hidden)
         if zero_init_last:
-            last = self.layers[-1]
-            for p in (last.linear.weight, last.linear.bias, last.hyper_bias.weight):
-                nn.init.zeros_(p)
+            _zero_last(self.layers[-1])
 
     def _check(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (batch, {self.dim}), got {tuple(z.shape)}")
 
-    def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
+    def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate ``dz/dt = f(t, z)``.
 
         Args:
             t: scalar time (0-dim tensor or float).
             z: state of shape ``(batch, dim)``.
+            context: must be None (the context slot of conditional fields).
 
         Returns:
             ``dz/dt`` of shape ``(batch, dim)``.
         """
+        _no_context(self, context)
         self._check(z)
         weights, biases = self._affine_maps(_time(t, z).reshape(1))
         x = z
@@ -293,7 +309,9 @@ class ConcatSquashMLP(nn.Module):
         gates = gate.split_with_sizes(self._out_sizes)
         return [wk.t() * g for wk, g in zip(w, gates)], bias.split_with_sizes(self._out_sizes)
 
-    def forward_with_divergence(self, t: Tensor | float, z: Tensor) -> tuple[Tensor, Tensor]:
+    def forward_with_divergence(
+        self, t: Tensor | float, z: Tensor, context: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         r"""Evaluate ``f(t, z)`` and its exact divergence, with the Jacobian taken analytically.
 
         With the time gates folded into the weights, :math:`W'_k = \operatorname{diag}(g_k) W_k`,
@@ -326,11 +344,13 @@ class ConcatSquashMLP(nn.Module):
         Args:
             t: scalar time (0-dim tensor or float).
             z: state of shape ``(batch, dim)``.
+            context: must be None, as for :meth:`forward`.
 
         Returns:
             ``(f, div)``: ``f = dz/dt`` of shape ``(batch, dim)`` and
             :math:`\operatorname{tr}(\partial f / \partial z)` of shape ``(batch,)``.
         """
+        _no_context(self, context)
         self._check(z)
         weights, biases = self._affine_maps(_time(t, z).reshape(1))
         x, slopes = z, []  # slopes: s'(u_k), shape (batch, h_k), the diagonals of S_k
@@ -490,20 +510,20 @@ class ConcatSquashConvNet(nn.Module):
         )
         self.activations = nn.ModuleList(_make_activation(activation) for _ in hidden_channels)
         if zero_init_last:
-            last = self.layers[-1]
-            for p in (last.conv.weight, last.conv.bias, last.hyper_bias.weight):
-                nn.init.zeros_(p)
+            _zero_last(self.layers[-1])
 
-    def forward(self, t: Tensor | float, z: Tensor) -> Tensor:
+    def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate ``dz/dt = f(t, z)``.
 
         Args:
             t: scalar time (0-dim tensor or float).
             z: state of shape ``(batch, in_channels, H, W)``.
+            context: must be None (the context slot of conditional fields).
 
         Returns:
             ``dz/dt`` of shape ``(batch, in_channels, H, W)``.
         """
+        _no_context(self, context)
         if z.dim() != 4 or z.shape[1] != self.in_channels:
             raise ValueError(
                 f"z must have shape (batch, {self.in_channels}, H, W), got {tuple(z.shape)}"

@@ -35,11 +35,20 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .continuous import CNFTransform
 from .fields import ConcatSquashConvNet
-from .flow import CNF, Flow, FlowOutput, _accumulate
-from .transforms import LogitTransform, Squeeze, _image_shape
+from .flow import Flow
+from .settings import Call, SolverSettings
+from .transforms import FlowOutput, LogitTransform, Squeeze, Transform, image_shape
 
-__all__ = ["MultiscaleCNF", "cifar10_model", "digits_model", "max_scales", "mnist_model"]
+__all__ = [
+    "MultiscaleCNF",
+    "MultiscaleTransform",
+    "cifar10_model",
+    "digits_model",
+    "max_scales",
+    "mnist_model",
+]
 
 
 def max_scales(event_shape: Sequence[int]) -> int:
@@ -48,15 +57,114 @@ def max_scales(event_shape: Sequence[int]) -> int:
     Scales are added while the image can be squeezed (even height and width) and the squeezed
     height and width are still at least 4: 2 for 8x8, 3 for 28x28 (28, 14, 7), 4 for 32x32.
     """
-    _, h, w = _image_shape(event_shape)
+    _, h, w = image_shape(event_shape)
     n = 1
     while h % 2 == 0 and w % 2 == 0 and h // 2 >= 4 and w // 2 >= 4:
         n, h, w = n + 1, h // 2, w // 2
     return n
 
 
+def _check_scales(shape: torch.Size, scales, single_scale: bool) -> int:
+    if single_scale:
+        if scales not in (None, 1):
+            raise ValueError(f"single_scale=True means scales=1, but scales={scales!r}")
+        scales = 1
+    if scales is None:
+        scales = max_scales(shape)
+    if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
+        raise ValueError(f"scales must be a positive int or None, got {scales!r}")
+    _, h, w = shape
+    for i in range(scales - 1):
+        if h % 2 or w % 2:
+            raise ValueError(
+                f"{scales} scales need {scales - 1} squeezes, but scale {i} has the odd size "
+                f"{h}x{w}; use scales <= {i + 1} (max_scales gives the most this image allows)"
+            )
+        h, w = h // 2, w // 2
+    return scales
+
+
+class MultiscaleTransform(Transform):
+    """The multiscale architecture as one transform (see the module docstring).
+
+    Args:
+        event_shape: image shape ``(C, H, W)``.
+        scales: number of scales, already checked.
+        make_blocks: ``make_blocks(shape) -> list of CNF blocks`` acting on ``shape``.
+        alpha: the logit transform's ``alpha``, or None for none.
+
+    Attributes:
+        logit, pre, post, squeezes: as for :class:`MultiscaleCNF`.
+    """
+
+    def __init__(self, event_shape: Sequence[int], scales: int, make_blocks, alpha):
+        super().__init__()
+        shape = image_shape(event_shape)
+        self.in_shape = self.out_shape = shape
+        self.scales, self.alpha = scales, alpha
+        self.logit = None if alpha is None else LogitTransform(shape, alpha)
+        self.pre, self.post, self.squeezes = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
+        c, h, w = shape
+        for i in range(scales):
+            self.pre.append(nn.ModuleList(make_blocks((c, h, w))))
+            if i < scales - 1:
+                squeeze = Squeeze((c, h, w))
+                self.squeezes.append(squeeze)
+                self.post.append(nn.ModuleList(make_blocks(tuple(squeeze.out_shape))))
+                c, h, w = 2 * c, h // 2, w // 2
+
+    @property
+    def blocks(self) -> list[CNFTransform]:
+        """Every CNF block, in the order data-to-base passes run them."""
+        out = []
+        for i in range(self.scales):
+            out += list(self.pre[i])
+            if i < self.scales - 1:
+                out += list(self.post[i])
+        return out
+
+    def forward_and_logdet(self, x: Tensor, call: Call) -> FlowOutput:
+        total = FlowOutput.identity(x)
+        if self.logit is not None:
+            total = total.then(self.logit.forward_and_logdet(x, call))
+        factored = []
+        for i in range(self.scales):
+            steps = list(self.pre[i])
+            if i < self.scales - 1:
+                steps += [self.squeezes[i], *self.post[i]]
+            for step in steps:
+                total = total.then(step.forward_and_logdet(total.z, call))
+            if i < self.scales - 1:
+                kept, out = total.z.chunk(2, dim=1)  # the second half leaves for the base
+                factored.append(out)
+                total.z = kept
+        # pack the latent in the data's shape: undo every split and squeeze
+        for squeeze, out in zip(reversed(self.squeezes), reversed(factored)):
+            total.z = squeeze.inverse_and_logdet(torch.cat([total.z, out], 1), call).z
+        return total
+
+    def inverse_and_logdet(self, z: Tensor, call: Call) -> FlowOutput:
+        factored = []
+        for squeeze in self.squeezes:
+            z, out = squeeze.forward_and_logdet(z, call).z.chunk(2, dim=1)
+            factored.append(out)
+        total = FlowOutput.identity(z)
+        for i in reversed(range(self.scales)):
+            steps = list(self.pre[i])
+            if i < self.scales - 1:
+                total.z = torch.cat([total.z, factored[i]], 1)
+                steps += [self.squeezes[i], *self.post[i]]
+            for step in reversed(steps):
+                total = total.then(step.inverse_and_logdet(total.z, call))
+        if self.logit is not None:
+            total = total.then(self.logit.inverse_and_logdet(total.z, call))
+        return total
+
+
 class MultiscaleCNF(Flow):
     r"""FFJORD's multiscale continuous normalizing flow on images (see the module docstring).
+
+    ``Flow(MultiscaleTransform(...))`` with ConcatSquash conv fields.
 
     Args:
         event_shape: image shape ``(C, H, W)``.
@@ -69,15 +177,14 @@ class MultiscaleCNF(Flow):
         alpha: the logit transform's ``alpha`` (applied first; the data must be in ``[0, 1]``);
             None: no logit transform (the data are used as they are).
         T, train_T: each block's integration time, learned by default (FFJORD's choice).
-        trace: ``"hutchinson"`` (training) or ``"exact"``; the exact trace of a conv field
-            costs one vectorised backward pass per dimension of the block's state (fine for
-            8x8 digits; evaluate with ``log_prob(x, trace="exact")``).
-        noise, method, rtol, atol, adjoint, adjoint_options: every block's solver defaults
-            (see :class:`cnf.flow.CNF`); all can be overridden per call.
         zero_init_last: start every field at zero, so the model starts as the logit transform
             followed by the identity.
         single_scale: shorthand for ``scales=1`` (FFJORD's non-multiscale option without the
             down/up-sampling inside the field).
+        **settings: every block's :class:`~cnf.settings.SolverSettings` (default here:
+            ``trace="hutchinson"``, for training; the exact trace of a conv field costs one
+            vectorised backward pass per dimension of the block's state, fine for 8x8 digits);
+            all can be overridden per call.
 
     Attributes:
         logit: the :class:`LogitTransform`, or None.
@@ -104,140 +211,40 @@ class MultiscaleCNF(Flow):
         alpha: float | None = 1e-6,
         T: float = 1.0,
         train_T: bool = True,
-        trace: str = "hutchinson",
-        noise: str = "rademacher",
-        method: str = "dopri5",
-        rtol: float = 1e-5,
-        atol: float = 1e-5,
-        adjoint: bool = True,
-        adjoint_options: dict | None = None,
         zero_init_last: bool = False,
         single_scale: bool = False,
+        **settings,
     ):
-        shape = _image_shape(event_shape)
-        super().__init__(shape)
-        if single_scale:
-            if scales not in (None, 1):
-                raise ValueError(f"single_scale=True means scales=1, but scales={scales!r}")
-            scales = 1
-        if scales is None:
-            scales = max_scales(shape)
-        if isinstance(scales, bool) or not isinstance(scales, int) or scales < 1:
-            raise ValueError(f"scales must be a positive int or None, got {scales!r}")
-        if isinstance(blocks_per_scale, bool) or not isinstance(blocks_per_scale, int):
-            raise ValueError(f"blocks_per_scale must be a positive int, got {blocks_per_scale!r}")
-        if blocks_per_scale < 1:
-            raise ValueError(f"blocks_per_scale must be a positive int, got {blocks_per_scale!r}")
-        c, h, w = shape
-        for i in range(scales - 1):
-            if h % 2 or w % 2:
-                raise ValueError(
-                    f"{scales} scales need {scales - 1} squeezes, but scale {i} has the odd size "
-                    f"{h}x{w}; use scales <= {i + 1} (max_scales gives the most this image allows)"
+        shape = image_shape(event_shape)
+        scales = _check_scales(shape, scales, single_scale)
+        n = blocks_per_scale
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"blocks_per_scale must be a positive int, got {n!r}")
+        solver = SolverSettings(**{"trace": "hutchinson", **settings})
+
+        def make_blocks(shape: tuple[int, int, int]) -> list[CNFTransform]:
+            def field():
+                return ConcatSquashConvNet(
+                    shape[0], hidden_channels, activation, zero_init_last=zero_init_last
                 )
-            h, w = h // 2, w // 2
 
-        solver = dict(
-            T=T,
-            train_T=train_T,
-            trace=trace,
-            noise=noise,
-            method=method,
-            rtol=rtol,
-            atol=atol,
-            adjoint=adjoint,
-            adjoint_options=adjoint_options,
-        )
+            return [
+                CNFTransform(field(), shape, T=T, train_T=train_T, settings=solver)
+                for _ in range(n)
+            ]
 
-        def blocks(shape: tuple[int, int, int]) -> nn.ModuleList:
-            return nn.ModuleList(
-                CNF(
-                    ConcatSquashConvNet(
-                        shape[0], hidden_channels, activation, zero_init_last=zero_init_last
-                    ),
-                    shape,
-                    **solver,
-                )
-                for _ in range(blocks_per_scale)
-            )
+        super().__init__(MultiscaleTransform(shape, scales, make_blocks, alpha))
 
-        self.scales = scales
-        self.alpha = alpha
-        self.logit = None if alpha is None else LogitTransform(shape, alpha)
-        self.pre, self.post, self.squeezes = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        c, h, w = shape
-        for i in range(scales):
-            self.pre.append(blocks((c, h, w)))
-            if i < scales - 1:
-                squeeze = Squeeze((c, h, w))
-                self.squeezes.append(squeeze)
-                self.post.append(blocks(tuple(squeeze.out_shape)))
-                c, h, w = 2 * c, h // 2, w // 2
-
-    @property
-    def blocks(self) -> list[CNF]:
-        """Every CNF block, in the order data-to-base passes run them."""
-        out = []
-        for i in range(self.scales):
-            out += list(self.pre[i])
-            if i < self.scales - 1:
-                out += list(self.post[i])
-        return out
+    scales = property(lambda self: self.transform.scales, doc="Number of scales.")
+    alpha = property(lambda self: self.transform.alpha, doc="The logit's alpha, or None.")
+    logit = property(lambda self: self.transform.logit, doc="The logit step, or None.")
+    pre = property(lambda self: self.transform.pre, doc="Blocks before each squeeze.")
+    post = property(lambda self: self.transform.post, doc="Blocks after each squeeze.")
+    squeezes = property(lambda self: self.transform.squeezes, doc="The squeezes.")
+    blocks = property(lambda self: self.transform.blocks, doc="Every CNF block, in order.")
 
     def extra_repr(self) -> str:
         return f"event_shape={tuple(self.event_shape)}, scales={self.scales}, alpha={self.alpha}"
-
-    def _forward(self, x: Tensor, regularizers: bool, opts: dict) -> FlowOutput:
-        total = FlowOutput(z=x, logdet=x.new_zeros(x.shape[0]))
-
-        def run(step):
-            nonlocal total
-            total = _accumulate(total, step._forward(total.z, regularizers, opts))
-
-        if self.logit is not None:
-            run(self.logit)
-        factored = []
-        for i in range(self.scales):
-            for block in self.pre[i]:
-                run(block)
-            if i < self.scales - 1:
-                run(self.squeezes[i])
-                for block in self.post[i]:
-                    run(block)
-                h = total.z
-                half = h.shape[1] // 2
-                factored.append(h[:, half:])
-                total.z = h[:, :half]
-        z = total.z
-        for squeeze, f in zip(reversed(self.squeezes), reversed(factored)):
-            z = squeeze._inverse(torch.cat([z, f], 1), opts, False).z
-        total.z = z
-        return total
-
-    def _inverse(self, z: Tensor, opts: dict, with_logdet: bool) -> FlowOutput:
-        factored = []
-        for squeeze in self.squeezes:
-            h = squeeze._forward(z, False, opts).z
-            half = h.shape[1] // 2
-            factored.append(h[:, half:])
-            z = h[:, :half]
-        total = FlowOutput(z=z, logdet=z.new_zeros(z.shape[0]))
-
-        def run(step):
-            nonlocal total
-            total = _accumulate(total, step._inverse(total.z, opts, with_logdet))
-
-        for i in reversed(range(self.scales)):
-            if i < self.scales - 1:
-                total.z = torch.cat([total.z, factored[i]], 1)
-                for block in reversed(self.post[i]):
-                    run(block)
-                run(self.squeezes[i])
-            for block in reversed(self.pre[i]):
-                run(block)
-        if self.logit is not None:
-            run(self.logit)
-        return total
 
 
 def digits_model(**kw) -> MultiscaleCNF:

@@ -217,30 +217,14 @@ def _times(model: CNF, times) -> Tensor:
     return t  # the rest (increasing, within [0, T]) is checked by model.trajectory
 
 
-# The keyword arguments of CNF(...) that hold solver settings; _flow_until copies them.
-_SOLVER_SETTINGS = (
-    "trace",
-    "noise",
-    "probes",
-    "method",
-    "rtol",
-    "atol",
-    "logp_rtol",
-    "logp_atol",
-    "adjoint",
-    "adjoint_options",
-)
-
-
 def _flow_until(model: CNF, t: float) -> CNF:
     """The flow restricted to ``[0, t]``: same field (absolute time), same base and settings.
 
     The field's time argument is absolute (the CNF integrates it from 0 to T), so a CNF with
     ``T = t`` sharing the field maps the base to the distribution of ``z(t)``.
     """
-    settings = {key: model.defaults[key] for key in _SOLVER_SETTINGS}
     _, device = _dtype_device(model)
-    flow = CNF(model.field, model.event_shape, T=t, base=model.base, **settings)
+    flow = CNF(model.field, model.event_shape, T=t, base=model.base, settings=model.settings)
     return flow.to(device=device)
 
 

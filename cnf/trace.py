@@ -331,9 +331,8 @@ def divergence(
     r"""Everything the CNF's joint ODE needs from one evaluation of the field.
 
     Returns ``f``, the divergence (``estimator="exact"``: :func:`divergence_exact`;
-    ``"hutchinson"``: :func:`divergence_hutchinson` with ``noise``) and, with
-    ``frobenius=True``, the RNODE estimate of the squared Frobenius norm of the Jacobian from the
-    same probes,
+    ``"hutchinson"``: :func:`divergence_hutchinson` with ``noise``) and, with ``frobenius=True``,
+    the RNODE estimate of the squared Frobenius norm of the Jacobian from the same probes,
 
     .. math::
 

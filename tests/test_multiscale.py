@@ -10,8 +10,10 @@ import io
 import pytest
 import torch
 
-from cnf.flow import CNF, FlowOutput
+from cnf.continuous import CNFTransform
+from cnf.flow import FlowOutput
 from cnf.multiscale import MultiscaleCNF, cifar10_model, digits_model, max_scales, mnist_model
+from cnf.settings import Call
 
 F64 = torch.float64
 TIGHT = dict(rtol=1e-9, atol=1e-9)
@@ -50,8 +52,8 @@ def test_architecture_follows_ffjord():
         == [(1, 8, 8)] * 2 + [(4, 4, 4)] * 2 + [(2, 4, 4)] * 2 + [(8, 2, 2)] * 2 + [(4, 2, 2)] * 2
     )
     assert model.logit is not None and model.logit.alpha == 0.05
-    assert all(isinstance(b, CNF) and b.T_scale is not None for b in model.blocks)
-    assert all(b.defaults["trace"] == "exact" for b in model.blocks)
+    assert all(isinstance(b, CNFTransform) and b.T_scale is not None for b in model.blocks)
+    assert all(b.settings.trace == "exact" for b in model.blocks)
 
     single = _model((1, 8, 8), scales=None, single_scale=True)
     assert single.scales == 1 and [tuple(b.event_shape) for b in single.blocks] == [(1, 8, 8)]
@@ -71,8 +73,8 @@ def test_paper_configurations():
         field = model.blocks[0].field
         assert [layer.conv.out_channels for layer in field.layers[:-1]] == [64, 64, 64]
         assert type(field.activations[0]).__name__ == "_Softplus"
-        assert model.blocks[0].defaults["trace"] == "hutchinson"
-        assert model.blocks[0].defaults["noise"] == "rademacher"
+        assert model.blocks[0].settings.trace == "hutchinson"
+        assert model.blocks[0].settings.noise == "rademacher"
     assert digits_model(hidden_channels=(8,), scales=1).scales == 1
 
 
@@ -139,7 +141,7 @@ def test_logdet_matches_autograd_slogdet():
     )
     torch.testing.assert_close(logdet.detach(), expected, rtol=0, atol=1e-6)
     # the CNF blocks contribute well above the tolerance, not only the logit transform
-    assert ((logdet - model.logit.transform(x)[1]).abs() > 1e-2).all()
+    assert ((logdet - model.logit(x)[1]).abs() > 1e-2).all()
 
 
 def test_gradients_reach_every_parameter():
@@ -160,17 +162,17 @@ def test_regularizers_are_summed_over_blocks():
 
     # the same chain by hand: each block draws its probes from the generator in turn
     gen, kinetic, jacobian = _gen(4), 0, 0
-    h = model.logit._forward(x, True, {}).z
+    h = model.logit(x)[0]
 
     def run(block, h):
         nonlocal kinetic, jacobian
-        o = block._forward(h, True, {"generator": gen})
+        o = block.forward_and_logdet(h, Call.make({"generator": gen}, regularizers=True))
         kinetic, jacobian = kinetic + o.kinetic, jacobian + o.jacobian
         return o.z
 
     for block in model.pre[0]:
         h = run(block, h)
-    h = model.squeezes[0].transform(h)[0]
+    h = model.squeezes[0](h)[0]
     for block in model.post[0]:
         h = run(block, h)
     h = h[:, :2]

@@ -252,14 +252,11 @@ def test_last_frame_density_is_the_model_density(model):
     np.testing.assert_allclose(got, expected, atol=1e-7)
 
 
-def test_intermediate_flows_are_built_from_public_constructor_arguments():
-    # _flow_until rebuilds the model with T = t; what it copies must be CNF(...) keywords
-    keywords = {
-        name
-        for name, p in inspect.signature(CNF).parameters.items()
-        if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    assert set(plot._SOLVER_SETTINGS) <= keywords
+def test_intermediate_flows_share_the_field_and_the_settings(model):
+    # _flow_until rebuilds the model with T = t through public constructor arguments only
+    flow = plot._flow_until(model, 0.3)
+    assert flow.field is model.field and flow.base is model.base
+    assert flow.settings == model.settings and float(flow.T) == pytest.approx(0.3)
 
 
 def test_plot_imports_no_private_names():

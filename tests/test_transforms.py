@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from cnf.fields import ConcatSquashMLP
-from cnf.flow import CNF, SequentialFlow
+from cnf.flow import CNF, Flow, SequentialFlow
+from cnf.settings import Call
 from cnf.transforms import LogitTransform, Squeeze, bits_per_dim, dequantize
 
 F64 = torch.float64
@@ -36,7 +37,7 @@ def test_logit_inverts(alpha):
     logit = LogitTransform((2, 3, 3), alpha).double()
     x = torch.rand(4, 2, 3, 3, dtype=F64, generator=_gen(1))
     x[0, 0, 0, 0], x[0, 0, 0, 1] = 0.0, 1.0  # the ends of [0, 1] are allowed
-    z, _ = logit.transform(x)
+    z, _ = logit(x)
     assert torch.isfinite(z).all()
     torch.testing.assert_close(logit.inverse(z), x, rtol=0, atol=1e-9)
 
@@ -45,12 +46,12 @@ def test_logit_inverts(alpha):
 def test_logit_logdet_matches_autograd(alpha):
     logit = LogitTransform((1, 2, 3), alpha).double()
     x = torch.rand(3, 1, 2, 3, dtype=F64, generator=_gen(2))
-    z, logdet = logit.transform(x)
-    expected = _jacobian_logdets(lambda v: logit.transform(v)[0], x)
+    z, logdet = logit(x)
+    expected = _jacobian_logdets(lambda v: logit(v)[0], x)
     torch.testing.assert_close(logdet, expected, rtol=1e-10, atol=1e-10)
 
     # the inverse's logdet is log|det dx/dz|, minus the forward one at the matching point
-    inv = logit._inverse(z, {}, True)
+    inv = logit.inverse_and_logdet(z, Call())
     torch.testing.assert_close(inv.z, x, rtol=0, atol=1e-12)
     torch.testing.assert_close(inv.logdet, -logdet, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(
@@ -62,7 +63,7 @@ def test_logit_logdet_matches_autograd(alpha):
 def test_logit_by_hand():
     # x = 0.5: y = 0.5, z = 0, log|dz/dx| = log(1 - 2 alpha) - 2 log(1/2) per entry
     logit = LogitTransform((3,), 0.05).double()
-    z, logdet = logit.transform(torch.full((1, 3), 0.5, dtype=F64))
+    z, logdet = logit(torch.full((1, 3), 0.5, dtype=F64))
     assert z.abs().max() == 0
     torch.testing.assert_close(logdet, torch.tensor([3 * math.log(0.9 * 4)], dtype=F64))
 
@@ -73,14 +74,12 @@ def test_logit_rejects_data_outside_unit_interval(bad):
     x = torch.full((2, 1, 2, 2), 0.5)
     x[1, 0, 1, 1] = bad
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
-        logit.log_prob(x)
+        Flow(logit).log_prob(x)
 
 
 def test_logit_rejects_integer_data_and_bad_alpha():
     with pytest.raises(ValueError, match="dequantize"):
-        LogitTransform((1, 2, 2), 0.05)._forward(
-            torch.ones(1, 1, 2, 2, dtype=torch.long), False, {}
-        )
+        LogitTransform((1, 2, 2), 0.05)(torch.ones(1, 1, 2, 2, dtype=torch.long))
     for alpha in (0, 0.5, -0.1, 1.0, "0.05", None):
         with pytest.raises(ValueError, match="alpha"):
             LogitTransform((1, 2, 2), alpha)
@@ -92,7 +91,7 @@ def test_logit_composes_with_cnf_blocks():
     block = CNF(ConcatSquashMLP(2, hidden=(8,)), (2,), rtol=1e-9, atol=1e-9)
     flow = SequentialFlow([logit, block]).double()
     x = torch.rand(5, 2, dtype=F64, generator=_gen(3))
-    y, ld_logit = logit.transform(x)
+    y, ld_logit = logit(x)
     expected = block.log_prob(y) + ld_logit
     torch.testing.assert_close(flow.log_prob(x), expected, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(flow.inverse(flow.transform(x)[0]), x, rtol=0, atol=1e-7)
@@ -104,7 +103,7 @@ def test_logit_composes_with_cnf_blocks():
 def test_squeeze_layout_by_hand():
     # one channel, one 2x2 patch: channels 4c + 2i + j hold pixel (i, j)
     x = torch.tensor([[[[1.0, 2.0], [3.0, 4.0]]]])
-    z, logdet = Squeeze((1, 2, 2)).transform(x)
+    z, logdet = Squeeze((1, 2, 2))(x)
     assert z.shape == (1, 4, 1, 1)
     assert z.flatten().tolist() == [1.0, 2.0, 3.0, 4.0]
     assert logdet.tolist() == [0.0]
@@ -114,13 +113,13 @@ def test_squeeze_shapes_inverse_and_logdet():
     sq = Squeeze((3, 4, 6))
     assert sq.in_shape == (3, 4, 6) and sq.out_shape == (12, 2, 3)
     x = torch.randn(2, 3, 4, 6, dtype=F64)
-    z, logdet = sq.transform(x)
+    z, logdet = sq(x)
     assert z.shape == (2, 12, 2, 3)
     assert torch.equal(sq.inverse(z), x)
     assert torch.equal(logdet, torch.zeros(2, dtype=F64))
     # a permutation: |det| = 1
     torch.testing.assert_close(
-        _jacobian_logdets(lambda v: sq.transform(v)[0], x[:1]), torch.zeros(1, dtype=F64)
+        _jacobian_logdets(lambda v: sq(v)[0], x[:1]), torch.zeros(1, dtype=F64)
     )
 
 
@@ -135,9 +134,9 @@ def test_squeeze_rejects_bad_shapes():
         Squeeze((4, 4))
     sq = Squeeze((1, 4, 4))
     with pytest.raises(ValueError, match="shape"):
-        sq.transform(torch.zeros(1, 1, 4, 6))
+        sq(torch.zeros(1, 1, 4, 6))
     with pytest.raises(ValueError, match="shape"):
-        sq.transform(torch.zeros(1, 4, 4))  # no batch dimension
+        sq(torch.zeros(1, 4, 4))  # no batch dimension
     with pytest.raises(ValueError, match="shape"):
         sq.inverse(torch.zeros(1, 1, 4, 4))
 
@@ -210,7 +209,7 @@ def test_bits_per_dim_through_the_logit_transform_by_hand():
     by_hand = 2 - log_p / (2 * math.log(2))
     assert by_hand == pytest.approx(1.8291848545837, abs=1e-12)
 
-    flow = LogitTransform((2,), 0.05).double()
+    flow = Flow(LogitTransform((2,), 0.05)).double()
     model_log_p = flow.log_prob(torch.tensor([[0.25, 0.75]], dtype=F64))
     torch.testing.assert_close(model_log_p, torch.tensor([log_p], dtype=F64))
     torch.testing.assert_close(
