@@ -29,12 +29,15 @@ import os
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .history import History
+
+if TYPE_CHECKING:
+    from cnf.flow import Flow
 
 __all__ = [
     "FORMAT",
@@ -256,7 +259,7 @@ def restore_training(
 
 def build_from_state(
     state: Mapping[str, Any], *, weights: str = "ema", source: str = "checkpoint"
-) -> nn.Module:
+) -> Flow:
     """A ready model from a checkpoint's contents: :func:`load` without the file.
 
     Args:
@@ -285,7 +288,7 @@ def build_from_state(
     return model.eval()
 
 
-def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None) -> nn.Module:
+def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None) -> Flow:
     """Rebuild a trained model from a checkpoint of :func:`cnf.training.fit` or ``cnf train``.
 
     By default the model gets the exponential moving average of the weights when the run kept

@@ -150,6 +150,8 @@ class FitConfig:
             raise ValueError(f"extra_state may not use the checkpoint's own keys {sorted(taken)}")
 
     def _check_combinations(self) -> None:
+        if self.objective is not None and not callable(self.objective):
+            raise ValueError("objective must be callable: objective(model, batch, generator)")
         if self.resume and self.checkpoint_dir is None:
             raise ValueError("resume needs checkpoint_dir")
         if self.eval_data is not None and self.eval_fn is not None:
