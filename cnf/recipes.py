@@ -1,0 +1,537 @@
+"""Recipes: what makes each data set train well, in one read-only table.
+
+A :class:`Recipe` holds, for one data set and one model architecture, everything that is not
+the model's code: the event shape and grey levels of the data, the split, the model settings,
+the training defaults (keywords of :func:`cnf.training.fit`), the evaluation policy and the
+loader. ``cnf train`` is flag parsing over :func:`get`; Python code reads the same entries, so
+the two train the same model::
+
+    recipe = cnf.recipes.get("8gaussians")
+    model, data = cnf.models.build(recipe.spec()), recipe.load()
+    history = cnf.training.fit(model, data.sampler(), **recipe.fit_options(iters=500))
+
+(``cnf train`` also passes ``recipe.validation(data.part("val", seed=1))``, which scores the model
+during training without changing what it learns, and its checkpoint settings.)
+
+The table, :data:`RECIPES`, maps ``(data, architecture)`` to a frozen :class:`Recipe`; the first
+architecture listed for a data set is its default. Adding a data set is one entry plus, for a new
+kind of data, a loader: a function ``loader(recipe, root, split_seed)`` that returns an object
+with the methods of :class:`FreshDraws` (``sampler``, ``part``, ``sizes``, ``entropy``).
+
+A checkpoint written by ``cnf train`` stores its :class:`Record` (recipe, split seed, data
+folder), from which ``cnf eval`` and ``cnf plot`` rebuild the same split.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .data import NAMES as TOY_NAMES
+
+__all__ = [
+    "RECIPES",
+    "Evaluation",
+    "FreshDraws",
+    "ImageSplits",
+    "Recipe",
+    "Record",
+    "Split",
+    "architectures",
+    "get",
+    "names",
+]
+
+Sampler = Callable[[int, torch.Generator], Tensor]
+
+KINDS = ("toy2d", "image")  # the model kinds cnf.models.build knows
+
+
+def _frozen(mapping: Mapping[str, Any] | None = None, **items: Any) -> MappingProxyType:
+    """A read-only copy of ``mapping`` updated with ``items``."""
+    return MappingProxyType({**(mapping or {}), **items})
+
+
+@dataclass(frozen=True)
+class Split:
+    """How a data set is divided into train, validation and test parts.
+
+    Attributes:
+        seed: the split's seed for data sets whose split is drawn (the digits' permutation,
+            :func:`cnf.data.load_digits`); None where the files fix it or every part is drawn
+            fresh (2-D toy data).
+        sizes: points per part: for toy data the number of fresh draws of the validation and
+            test parts; for images the sizes the split has (for the record).
+        holdout: for data sets that ship only train and test files, hold out the last
+            ``len(train) // holdout`` (at least one) training images for validation.
+    """
+
+    seed: int | None = None
+    sizes: Mapping[str, int] = field(default_factory=_frozen)
+    holdout: int | None = None
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How a model of this recipe is scored.
+
+    Attributes:
+        tol: rtol = atol of ``cnf eval`` and of the test value ``cnf train`` reports.
+        trace: the divergence for validation and test, ``"exact"`` or ``"hutchinson"`` (the
+            exact trace costs a vector-Jacobian product per dimension, too many for MNIST).
+        metric: ``"nll"`` (nats) for continuous data, ``"bits_per_dim"`` for images.
+        draws: dequantization draws per validation (images; 0 for continuous data).
+        test_draws: dequantization draws of ``cnf eval``.
+        batch_size: the batch of ``cnf eval``.
+        keep_best: keep the checkpoint with the best validation score as ``best.pt`` and report
+            it (for data sets small enough to overfit).
+    """
+
+    tol: float
+    trace: str = "exact"
+    metric: str = "nll"
+    draws: int = 0
+    test_draws: int = 0
+    batch_size: int = 5000
+    keep_best: bool = False
+
+    def __post_init__(self) -> None:
+        if self.trace not in ("exact", "hutchinson"):
+            raise ValueError(f"trace must be 'exact' or 'hutchinson', got {self.trace!r}")
+        if self.metric not in ("nll", "bits_per_dim"):
+            raise ValueError(f"metric must be 'nll' or 'bits_per_dim', got {self.metric!r}")
+        if (self.metric == "bits_per_dim") != (self.draws > 0 and self.test_draws > 0):
+            raise ValueError("bits/dim needs dequantization draws; NLL takes none")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything but the code that makes one data set train well with one architecture.
+
+    Attributes:
+        name: the data set (``cnf train --data``).
+        architecture: the model family (``--architecture``): ``"mlp"`` for 2-D points,
+            ``"dense"`` or ``"multiscale"`` for images.
+        kind: the kind of model spec (:func:`cnf.models.build`): ``"toy2d"`` or ``"image"``.
+        event_shape: the shape of one point or image.
+        levels: grey levels of integer images; None for continuous data.
+        model: the model settings the recipe chooses, over the model's own defaults (training
+            solver included: ``trace``, ``rtol``, ``atol``).
+        aliases: this model's keyword for a generic setting (``hidden`` is
+            ``hidden_channels`` for a multiscale model).
+        training: defaults of :func:`cnf.training.fit`'s keywords.
+        augment: keywords of the training sampler (``translate``: one-pixel moves).
+        split: the train / validation / test split.
+        evaluation: how models are validated and tested.
+        loader: ``loader(recipe, root, split_seed)`` returning the data (:meth:`load`).
+    """
+
+    name: str
+    architecture: str
+    kind: str
+    event_shape: tuple[int, ...]
+    levels: int | None
+    model: Mapping[str, Any]
+    training: Mapping[str, Any]
+    evaluation: Evaluation
+    loader: Callable[..., Any]
+    split: Split = Split()
+    augment: Mapping[str, Any] = field(default_factory=_frozen)
+    aliases: Mapping[str, str] = field(default_factory=_frozen)
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown kind {self.kind!r}; choose one of {KINDS}")
+        if (self.levels is None) != (self.evaluation.metric == "nll"):
+            raise ValueError(f"{self.name}: integer levels go with bits/dim, none with NLL")
+        if not {"rtol", "atol", "trace"} <= set(self.model):
+            raise ValueError(f"{self.name}: the model settings must name trace, rtol and atol")
+
+    @property
+    def tol(self) -> float:
+        """The training solves' tolerance (rtol; atol is the same in every recipe)."""
+        return self.model["rtol"]
+
+    def spec(self, **settings: Any) -> dict[str, Any]:
+        """The model spec (:func:`cnf.models.build`) of this recipe with ``settings`` changed.
+
+        Settings left at None keep the recipe's value; ``tol`` sets both ``rtol`` and ``atol``;
+        generic names are renamed by :attr:`aliases`. Unknown settings are a ``ValueError``.
+        """
+        from . import models
+
+        settings = {k: v for k, v in settings.items() if v is not None}
+        if "tol" in settings:
+            tol = settings.pop("tol")
+            settings.update(rtol=tol, atol=tol)
+        options = {**self.model, **{self.aliases.get(k, k): v for k, v in settings.items()}}
+        if self.kind == "toy2d":
+            return models.toy_spec(**options)
+        return models.image_spec(self.name, self.architecture, **options)
+
+    def fit_options(self, **overrides: Any) -> dict[str, Any]:
+        """Keywords of :func:`cnf.training.fit`: the recipe's training defaults, updated with
+        the ``overrides`` that are not None (any keyword of ``fit``; others are an error)."""
+        from .training import FitConfig
+
+        known = {f.name for f in fields(FitConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(
+                f"{unknown} are not keywords of cnf.training.fit; valid: {sorted(known)}"
+            )
+        return {**self.training, **{k: v for k, v in overrides.items() if v is not None}}
+
+    def load(self, root: str | None = None, split_seed: int | None = None):
+        """The data, split as :attr:`split` says (``split_seed`` replaces its seed); ``root``:
+        the folder of data sets read from files. Returns a :class:`FreshDraws` or
+        :class:`ImageSplits`."""
+        return self.loader(self, root, split_seed)
+
+    def score(
+        self,
+        model,
+        data: Tensor,
+        *,
+        tol: float | None = None,
+        draws: int | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+    ) -> float:
+        """The evaluation metric of ``model`` on ``data``, lower is better: mean NLL in nats,
+        or bits/dim averaged over ``draws`` dequantizations (seeded by ``seed``).
+
+        ``tol`` (default :attr:`Evaluation.tol`), ``draws`` (default :attr:`Evaluation.draws`)
+        and ``batch_size`` (default: the evaluator's) override the policy.
+        """
+        from .training import evaluate_bits_per_dim, evaluate_nll
+
+        policy = self.evaluation
+        tol = policy.tol if tol is None else tol
+        solver = {"trace": policy.trace, "rtol": tol, "atol": tol}
+        if batch_size is not None:
+            solver["batch_size"] = batch_size
+        if policy.metric == "nll":
+            ref = next(model.parameters())
+            return evaluate_nll(model, data.to(device=ref.device, dtype=ref.dtype), **solver)
+        draws = policy.draws if draws is None else draws
+        return evaluate_bits_per_dim(model, data, self.levels, draws=draws, seed=seed, **solver)
+
+    def validation(
+        self, val: Tensor, *, tol: float | None = None, draws: int | None = None
+    ) -> dict[str, Any]:
+        """Keywords of :func:`cnf.training.fit` that score the model on ``val`` as it trains
+        (at the training tolerance unless ``tol`` is given) and keep the best checkpoint where
+        the policy says so; they need ``checkpoint_dir`` then."""
+        tol = self.tol if tol is None else tol
+
+        def score(model) -> float:
+            return self.score(model, val, tol=tol, draws=draws)
+
+        return {"eval_fn": score, "keep_best": self.evaluation.keep_best}
+
+    def record(self, root: str | None = None, split_seed: int | None = None) -> Record:
+        """What a checkpoint stores to find this recipe and its data again."""
+        seed = self.split.seed if split_seed is None else split_seed
+        return Record(self.name, self.architecture, seed, None if root is None else str(root))
+
+
+@dataclass(frozen=True)
+class Record:
+    """The recipe of a checkpoint: enough to rebuild its split (a plain dict inside it).
+
+    Attributes:
+        name, architecture: the key of the recipe in :data:`RECIPES`.
+        split_seed: the seed of the split the model was trained on (None: a fixed split).
+        root: the folder the data were read from (None: bundled or generated data).
+    """
+
+    name: str
+    architecture: str
+    split_seed: int | None = None
+    root: str | None = None
+
+    @property
+    def recipe(self) -> Recipe:
+        return get(self.name, self.architecture)
+
+    def load(self):
+        """The data of the run: the recipe's loader on the recorded folder and split."""
+        return self.recipe.load(self.root, self.split_seed)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "architecture": self.architecture,
+            "split_seed": self.split_seed,
+            "root": self.root,
+        }
+
+    @classmethod
+    def from_checkpoint(cls, state: Mapping[str, Any], source: str = "checkpoint") -> Record:
+        """The record of a checkpoint of ``cnf train``; for checkpoints written before records
+        existed, the one their spec implies (the default split).
+
+        Raises:
+            cnf.training.CheckpointError: the checkpoint names no recipe and no data set.
+        """
+        from .training import CheckpointError
+
+        if "recipe" in state:
+            return cls(**state["recipe"])
+        if "spec" not in state or "data" not in state:
+            raise CheckpointError(f"{source} names no data set; was it written by `cnf train`?")
+        spec = state["spec"]
+        # image specs written before dense models existed name no architecture: multiscale
+        architecture = "mlp" if spec.get("kind") == "toy2d" else spec.get("architecture")
+        recipe = get(state["data"], architecture or "multiscale")
+        return recipe.record(root=state.get("root") or None)
+
+
+class FreshDraws:
+    """A 2-D toy data set: the training batches and every held-out part are fresh draws."""
+
+    def __init__(self, recipe: Recipe, root: str | None = None, split_seed: int | None = None):
+        if root is not None:
+            raise ValueError(f"{recipe.name} is generated, not read from files: pass no root")
+        if split_seed is not None:
+            raise ValueError(
+                f"{recipe.name} has no split to seed: its held-out points are fresh draws"
+            )
+        self.name, self.sizes = recipe.name, dict(recipe.split.sizes)
+
+    @property
+    def entropy(self) -> float | None:
+        """The data's differential entropy in nats where it has a closed form, else None."""
+        from .data import DENSITY_NAMES, density
+
+        return density(self.name).entropy if self.name in DENSITY_NAMES else None
+
+    def describe(self) -> str:
+        return "fresh batches"
+
+    def sampler(self, translate: float | None = None) -> Sampler:
+        """Fresh training batches, ``sampler(n, generator)`` (:func:`cnf.data.toy_sampler`)."""
+        from .data import toy_sampler
+
+        if translate is not None:
+            raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
+        return toy_sampler(self.name)
+
+    def part(self, name: str, *, seed: int = 0, n: int | None = None) -> Tensor:
+        """``n`` points (default: :attr:`Split.sizes` of ``name``) drawn with ``seed``, float64."""
+        from .data import sample_tensor
+
+        if n is None and name not in self.sizes:
+            raise ValueError(f"no default size for part {name!r} of {self.name}; pass n")
+        return sample_tensor(
+            self.name, self.sizes[name] if n is None else n, seed, dtype=torch.float64
+        )
+
+
+class ImageSplits:
+    """An image data set's train, validation and test images, as integer levels (``uint8``)."""
+
+    entropy = None
+
+    def __init__(self, recipe: Recipe, root: str | None = None, split_seed: int | None = None):
+        from .data import load_images
+
+        seed = recipe.split.seed if split_seed is None else split_seed
+        holdout = recipe.split.holdout
+        if holdout is None:
+            self.parts = {
+                part: load_images(recipe.name, root=root, split=part, seed=seed).images
+                for part in ("train", "val", "test")
+            }
+        else:
+            full = load_images(recipe.name, root=root, split="train", seed=seed).images
+            n_val = max(1, len(full) // holdout)
+            test = load_images(recipe.name, root=root, split="test", seed=seed).images
+            self.parts = {"train": full[:-n_val], "val": full[-n_val:], "test": test}
+        self.levels = recipe.levels
+        self.augment = dict(recipe.augment)
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return {part: len(images) for part, images in self.parts.items()}
+
+    def describe(self) -> str:
+        return " / ".join(f"{n} {part}" for part, n in self.sizes.items()) + " images"
+
+    def sampler(self, translate: float | None = None) -> Sampler:
+        """Dequantized training batches (:func:`cnf.training.image_sampler`), translated by a
+        pixel with probability ``translate`` (default: the recipe's augmentation)."""
+        from .training import image_sampler
+
+        options = {**self.augment, **({} if translate is None else {"translate": translate})}
+        return image_sampler(self.parts["train"], self.levels, **options)
+
+    def part(self, name: str, *, seed: int = 0, n: int | None = None) -> Tensor:
+        """The images of part ``name`` (the first ``n`` if given); ``seed`` is unused, the
+        split being fixed when the data were loaded."""
+        if name not in self.parts:
+            raise ValueError(f"unknown part {name!r}; choose one of {sorted(self.parts)}")
+        return self.parts[name][:n]
+
+
+# --- the table ---------------------------------------------------------------------------------
+
+_TOY_TRAINING = _frozen(
+    iters=1000,
+    batch_size=512,
+    lr=5e-3,
+    weight_decay=0.0,
+    schedule="cosine",
+    clip_grad=None,
+    kinetic=0.0,
+    jacobian=0.0,
+    ema=0.995,
+    eval_every=100,
+)
+# Chosen for a 3-minute budget on 2 CPU cores: a large batch with a high, cosine-decayed learning
+# rate and an EMA of the weights converges in 1000 iterations to within 0.01 (8gaussians), 0.04
+# (pinwheel) and 0.2 nats (checkerboard) of the entropy (scripts/quality_toy.py). The model is
+# FFJORD's toy one (cnf.models.TOY_DEFAULTS: ConcatSquash 64-64-64, tanh, learned T from 0.5),
+# trained with the exact trace at rtol = atol = 1e-4 and tested at 1e-7.
+
+_IMAGE_TRAINING = _frozen(
+    iters=1000,
+    batch_size=64,
+    lr=1e-3,
+    weight_decay=0.0,
+    schedule="cosine",
+    clip_grad=None,
+    kinetic=0.0,
+    jacobian=0.0,
+    ema=0.995,
+    eval_every=250,
+)
+# MNIST and CIFAR-10: FFJORD's multiscale models (cnf.multiscale), Hutchinson's trace at 1e-5,
+# validated every 250 iterations on 2 dequantization draws, the best point kept as best.pt.
+
+_DIGITS_TRAINING = _frozen(
+    _IMAGE_TRAINING, iters=2000, batch_size=128, lr=1e-2, kinetic=0.01, jacobian=0.01
+)
+# The digits' defaults come from a sweep on one thread (README, docs/bench_digits.md): moving half
+# the training images by one pixel keeps the train/validation gap near 0.1 bits/dim (0.25
+# without) and moves the best validation point from iteration ~1000 to ~1500; the dense field's
+# exact trace (a bilinear form in the activation slopes, no autograd) trains about 0.015
+# bits/dim lower than Hutchinson's estimate for 25% more time per iteration; tol 1e-3 trains as
+# well as 1e-5 at fewer steps; RNODE's weights (0.01, 0.01) cut the NFE by a third at equal
+# quality. A conv field's exact trace costs a vector-Jacobian product per pixel, so the
+# multiscale digits model keeps Hutchinson's.
+
+_MULTISCALE = _frozen(hidden="hidden_channels", blocks="blocks_per_scale")
+
+
+def _image_recipe(name, architecture, shape, levels, split, trace, **changes) -> Recipe:
+    """An image recipe: the MNIST/CIFAR-10 settings unless ``changes`` say otherwise."""
+    settings = dict(
+        kind="image",
+        event_shape=shape,
+        levels=levels,
+        model=_frozen(trace="hutchinson", rtol=1e-5, atol=1e-5, dtype="float32"),
+        training=_IMAGE_TRAINING,
+        evaluation=Evaluation(
+            tol=1e-5,
+            trace=trace,
+            metric="bits_per_dim",
+            draws=2,
+            test_draws=4,
+            batch_size=256,
+            keep_best=True,
+        ),
+        loader=ImageSplits,
+        split=split,
+        augment=_frozen(translate=0.0),
+        aliases=_MULTISCALE if architecture == "multiscale" else _frozen(),
+    )
+    return Recipe(name, architecture, **{**settings, **changes})
+
+
+def _digits(architecture: str, trace: str) -> Recipe:
+    return _image_recipe(
+        "digits",
+        architecture,
+        (1, 8, 8),
+        17,  # each pixel counts the set bits of a 4x4 block: 0..16
+        Split(seed=0, sizes=_frozen(train=1300, val=200, test=297)),
+        "exact",  # 64 dimensions: the exact trace is affordable for testing
+        model=_frozen(trace=trace, rtol=1e-3, atol=1e-3, dtype="float32"),
+        training=_DIGITS_TRAINING,
+        augment=_frozen(translate=0.5),
+    )
+
+
+def _files(name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> list[Recipe]:
+    # validation: the last twelfth of the training files (5000 of MNIST's 60000 images)
+    split = Split(sizes=_frozen(sizes), holdout=12)
+    return [
+        _image_recipe(name, arch, shape, 256, split, "hutchinson")
+        for arch in ("multiscale", "dense")
+    ]
+
+
+def _toy(name: str) -> Recipe:
+    return Recipe(
+        name,
+        "mlp",
+        kind="toy2d",
+        event_shape=(2,),
+        levels=None,
+        model=_frozen(trace="exact", rtol=1e-4, atol=1e-4),
+        training=_TOY_TRAINING,
+        evaluation=Evaluation(tol=1e-7),
+        loader=FreshDraws,
+        split=Split(sizes=_frozen(val=5000, test=20000)),
+    )
+
+
+RECIPES: Mapping[tuple[str, str], Recipe] = MappingProxyType(
+    {
+        (r.name, r.architecture): r
+        for r in (
+            *(_toy(name) for name in TOY_NAMES),
+            _digits("dense", "exact"),
+            _digits("multiscale", "hutchinson"),
+            *_files("mnist", (1, 28, 28), {"train": 55000, "val": 5000, "test": 10000}),
+            *_files("cifar10", (3, 32, 32), {"train": 45834, "val": 4166, "test": 10000}),
+        )
+    }
+)
+"""Every recipe, by ``(data, architecture)``; read-only. The first architecture listed for a
+data set is its default."""
+
+
+def names() -> tuple[str, ...]:
+    """The data sets that have a recipe, in the table's order."""
+    return tuple(dict.fromkeys(name for name, _ in RECIPES))
+
+
+def architectures(name: str | None = None) -> tuple[str, ...]:
+    """The architectures with a recipe for data set ``name`` (default first), or for any."""
+    return tuple(dict.fromkeys(a for n, a in RECIPES if name is None or n == name))
+
+
+def get(name: str, architecture: str | None = None) -> Recipe:
+    """The recipe of data set ``name`` with ``architecture`` (None: the data set's default).
+
+    Raises:
+        ValueError: no recipe for this data set, or none with this architecture.
+    """
+    available = architectures(name)
+    if not available:
+        raise ValueError(f"no recipe for data {name!r}; choose one of: {', '.join(names())}")
+    if architecture is None:
+        architecture = available[0]
+    if architecture not in available:
+        raise ValueError(
+            f"{name} has recipes for architecture(s) {', '.join(available)}, not {architecture!r}"
+        )
+    return RECIPES[name, architecture]
