@@ -1,14 +1,16 @@
 """The ``cnf`` command line: ``cnf train | eval | sample | plot``.
 
-argparse lives here and nowhere else: each command turns its flags into plain arguments of the
-library's functions (:func:`cnf.train.fit`, :func:`cnf.models.build`, :mod:`cnf.plot`).
+Flag parsing over the recipe table (:mod:`cnf.recipes`): ``cnf train`` looks up the recipe of
+``--data`` and ``--architecture``, replaces what the flags set, and calls
+:func:`cnf.training.fit` with the recipe's keywords, as Python code would. Its checkpoints store
+the recipe's :class:`cnf.recipes.Record`, from which ``cnf eval`` and ``cnf plot`` rebuild the
+split the model was trained on. argparse lives here and nowhere else.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -17,6 +19,9 @@ import numpy as np
 import torch
 
 __all__ = ["main"]
+
+METRICS = {"nll": ("NLL", " nats"), "bits_per_dim": ("bits/dim", "")}
+"""How each evaluation metric is named in messages: its label and unit."""
 
 
 def _ints(text: str) -> list[int]:
@@ -32,67 +37,45 @@ def _device(name: str | None) -> torch.device:
     return torch.device(name)
 
 
-def _load(checkpoint: str, device: torch.device, use_ema: bool = True):
-    from .models import build
-    from .train import CheckpointError, History, load_checkpoint
+def _value(metric: str, value: float, digits: int) -> str:
+    label, unit = METRICS[metric]
+    return f"{label} {value:.{digits}f}{unit}"
+
+
+def _open(checkpoint, device: torch.device):
+    """The checkpoint's contents, its recipe record and its model (averaged weights if any)."""
+    from .recipes import Record
+    from .training import build_from_state, load_checkpoint
 
     state = load_checkpoint(checkpoint, map_location=device)
-    if "spec" not in state or "data" not in state:
-        raise CheckpointError(f"{checkpoint} has no model spec; was it written by `cnf train`?")
-    model = build(state["spec"]).to(device)
-    weights = state["model"]
-    if use_ema and "ema" in state:
-        # AveragedModel's state: "module.<name>" entries plus its step counter.
-        prefix = "module."
-        weights = {k[len(prefix) :]: v for k, v in state["ema"].items() if k.startswith(prefix)}
-    model.load_state_dict(weights)
-    model.eval()
-    return model, state["data"], History.from_dict(state["history"]), state
+    model = build_from_state(state, weights="ema", source=str(checkpoint)).to(device)
+    return state, Record.from_checkpoint(state, source=str(checkpoint)), model
 
 
-def _entropy(name: str) -> float | None:
-    from .data import DENSITY_NAMES, density
-
-    return density(name).entropy if name in DENSITY_NAMES else None
+# --- train -------------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace, defaults: dict) -> argparse.Namespace:
-    """Fill the flags left at None with the defaults of the data's kind (2-D or images)."""
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    if args.ema == 0:
-        args.ema = None
-    return args
-
-
-def _image_splits(args: argparse.Namespace):
-    """Integer train / validation / test images for an image data set."""
-    from .data import load_images
-
-    if args.data == "digits":
-        return [load_images("digits", split=s).images for s in ("train", "val", "test")]
-    if args.root is None:
-        raise ValueError(f"--data {args.data} reads local files: pass --root FOLDER")
-    full = load_images(args.data, root=args.root, split="train").images
-    n_val = max(1, len(full) // 12)  # the last twelfth of train: 5000 of MNIST's 60000
-    test = load_images(args.data, root=args.root, split="test").images
-    return full[:-n_val], full[-n_val:], test
-
-
-def _fit_options(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
-    """The arguments of :func:`cnf.train.fit` that every kind of data takes from the flags."""
+def _model_settings(args: argparse.Namespace) -> dict:
+    """The model flags, for :meth:`cnf.recipes.Recipe.spec` (None: the recipe's value)."""
     return dict(
-        iters=args.iters,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        schedule=args.schedule,
-        clip_grad=args.clip_grad,
-        kinetic=args.kinetic,
-        jacobian=args.jacobian,
-        eval_every=args.eval_every,
-        ema=args.ema,
+        hidden=args.hidden,
+        activation=args.activation,
+        blocks=args.blocks,
+        T=args.T,
+        train_T=False if args.fixed_T else None,
+        trace=args.trace,
+        tol=args.tol,
+        dtype=args.dtype,
+    )
+
+
+def _fit_settings(args: argparse.Namespace, out: Path, device: torch.device) -> dict:
+    """The flags that are keywords of :func:`cnf.training.fit` (None: the recipe's value)."""
+    names = ("iters", "batch_size", "lr", "weight_decay", "schedule", "clip_grad", "kinetic")
+    settings = {name: getattr(args, name) for name in (*names, "jacobian", "eval_every", "ema")}
+    settings["ema"] = None if args.ema == 0 else args.ema  # 0 turns the average off below
+    return dict(
+        settings,
         checkpoint_dir=out,
         checkpoint_every=args.checkpoint_every,
         resume=args.resume,
@@ -102,214 +85,114 @@ def _fit_options(args: argparse.Namespace, out: Path, device: torch.device) -> d
     )
 
 
-def _levels(name: str) -> int:
-    return 17 if name == "digits" else 256  # scikit-learn's digits have 17 grey levels
-
-
-def _image_eval_solver(model, tol: float) -> dict:
-    # The exact trace costs one vector-Jacobian product per dimension: affordable for the
-    # 64-dimensional digits, not for MNIST or CIFAR, which are evaluated with Hutchinson.
-    dims = math.prod(model.event_shape)
-    trace = "exact" if dims <= 256 else "hutchinson"
-    return {"trace": trace, "rtol": tol, "atol": tol}
-
-
-def _train_images(args: argparse.Namespace) -> int:
-    from .models import DEFAULT_ARCHITECTURE, build, image_spec
-    from .train import evaluate_bits_per_dim, fit, image_sampler
-
-    architecture = args.architecture or DEFAULT_ARCHITECTURE[args.data]
-    if args.trace is None and architecture != "dense":
-        # the digits' exact-trace default is for the dense field, whose trace is analytic; a
-        # conv field's exact trace costs one vector-Jacobian product per pixel
-        args.trace = IMAGE_DEFAULTS["trace"]
-    _settings(args, DIGITS_DEFAULTS if args.data == "digits" else IMAGE_DEFAULTS)
-    device = _device(args.device)
-    out = Path(args.out or f"runs/{args.data}")
-    options = {"trace": args.trace, "rtol": args.tol, "atol": args.tol, "dtype": args.dtype}
-    if args.activation is not None:
-        options["activation"] = args.activation
-    if args.T is not None:
-        options["T"] = args.T
-    if args.fixed_T:
-        options["train_T"] = False
-    if args.hidden is not None:  # MLP sizes for a dense model, conv channels for a multiscale one
-        options["hidden" if architecture == "dense" else "hidden_channels"] = args.hidden
-    if args.blocks is not None:
-        options["blocks" if architecture == "dense" else "blocks_per_scale"] = args.blocks
-    spec = image_spec(args.data, architecture, **options)
-    torch.manual_seed(args.seed)
-    model = build(spec).to(device)
-    train, val, test = _image_splits(args)
-    levels = _levels(args.data)
-    solver = _image_eval_solver(model, args.tol)  # validation: at the training tolerance
-
-    def score(m) -> float:
-        return evaluate_bits_per_dim(m, val, levels, draws=args.draws, **solver)
-
-    print(
-        f"training a {spec['architecture']} CNF on {args.data} ({len(train)} train / "
-        f"{len(val)} val / {len(test)} test images): {args.iters} iterations, batch "
-        f"{args.batch_size}, trace {args.trace}, tol {args.tol:g}, device {device}; writing {out}/",
-        flush=True,
-    )
-    tic = time.perf_counter()
-    history = fit(
-        model,
-        image_sampler(train, levels, translate=args.translate),
-        eval_fn=score,
-        keep_best=True,
-        extra_state={"spec": spec, "data": args.data, "root": args.root or ""},
-        **_fit_options(args, out, device),
-    )
-    seconds = time.perf_counter() - tic
-    (out / "history.json").write_text(json.dumps(history.to_dict()))
-    best = min(range(len(history.eval_nll)), key=history.eval_nll.__getitem__)
-    best_model, *_ = _load(str(out / "best.pt"), device)
-    # the reported test value at cnf eval's default tolerance (or the training one if tighter)
-    test_solver = _image_eval_solver(model, min(args.tol, EVAL_IMAGE_TOL))
-    test_bpd = evaluate_bits_per_dim(best_model, test, levels, draws=args.draws, **test_solver)
-    print(
-        f"done in {seconds:.0f} s; best validation {history.eval_nll[best]:.3f} bits/dim at "
-        f"iteration {history.eval_iteration[best]}; its test bits/dim {test_bpd:.3f} "
-        f"(tol {test_solver['rtol']:g})",
-        flush=True,
-    )
-    if not args.no_plot:
-        _write_pictures(out / "best.pt", out, device, n=64, gif=False)
-    return 0
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from .models import IMAGE_MODELS
+    from .models import build
+    from .recipes import get
+    from .training import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.data in IMAGE_MODELS:
-        return _train_images(args)
-    return _train_toy(args)
-
-
-def _train_toy(args: argparse.Namespace) -> int:
-    from .data import sample_tensor, toy_sampler
-    from .models import TOY_DEFAULTS, build, toy_spec
-    from .train import fit
-
-    if args.translate is not None:
-        raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
-    _settings(
-        args,
-        {
-            **DEFAULTS,
-            "hidden": TOY_DEFAULTS["hidden"],
-            "activation": TOY_DEFAULTS["activation"],
-            "blocks": TOY_DEFAULTS["blocks"],
-            "T": TOY_DEFAULTS["T"],
-            "trace": TOY_DEFAULTS["trace"],
-            "tol": TOY_DEFAULTS["rtol"],
-        },
-    )
+    recipe = get(args.data, args.architecture)
     device = _device(args.device)
     out = Path(args.out or f"runs/{args.data}")
-    spec = toy_spec(
-        hidden=args.hidden,
-        activation=args.activation,
-        blocks=args.blocks,
-        T=args.T,
-        train_T=not args.fixed_T,
-        trace=args.trace,
-        rtol=args.tol,
-        atol=args.tol,
-        dtype=args.dtype,
-    )
+    spec = recipe.spec(**_model_settings(args))
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
-    dtype = getattr(torch, spec["dtype"])
-    eval_data = sample_tensor(args.data, args.eval_n, seed=args.seed + 1, dtype=dtype)
+    record = recipe.record(root=args.root, split_seed=args.split_seed)
+    data = record.load()
+    tol = recipe.tol if args.tol is None else args.tol
+    val = data.part("val", seed=args.seed + 1, n=args.eval_n)
+    options = recipe.fit_options(**_fit_settings(args, out, device))
+    if args.ema == 0:
+        options["ema"] = None
     print(
-        f"training a CNF on {args.data}: {args.iters} iterations, batch {args.batch_size}, "
-        f"trace {args.trace}, tol {args.tol:g}, device {device}; writing {out}/",
+        f"training a CNF ({recipe.architecture}) on {recipe.name} ({data.describe()}): "
+        f"{options['iters']} iterations, batch {options['batch_size']}, trace "
+        f"{args.trace or recipe.model['trace']}, tol {tol:g}, device {device}; writing {out}/",
         flush=True,
     )
     tic = time.perf_counter()
     history = fit(
         model,
-        toy_sampler(args.data),
-        eval_data=eval_data,
-        eval_solver={"rtol": args.tol, "atol": args.tol},
-        extra_state={"spec": spec, "data": args.data},
-        **_fit_options(args, out, device),
+        data.sampler(args.translate),
+        **options,
+        **recipe.validation(val, tol=tol, draws=args.draws),
+        extra_state={"spec": spec, "data": recipe.name, "recipe": record.to_dict()},
     )
     seconds = time.perf_counter() - tic
     (out / "history.json").write_text(json.dumps(history.to_dict()))
-    line = f"done in {seconds:.0f} s; held-out NLL {history.eval_nll[-1]:.3f} nats"
-    entropy = _entropy(args.data)
-    if entropy is not None:
-        line += f" (entropy {entropy:.3f}, gap {history.eval_nll[-1] - entropy:.3f})"
-    print(line, flush=True)
+    kept = _report_training(recipe, data, history, seconds, out, device, tol, args.draws)
     if not args.no_plot:
-        _write_pictures(out / "last.pt", out, device, n=args.plot_n, gif=not args.no_gif)
+        _write_pictures(kept, out, device, n=args.plot_n, gif=not args.no_gif)
     return 0
+
+
+def _report_training(recipe, data, history, seconds, out, device, tol, draws) -> Path:
+    """Print how training ended; return the checkpoint to draw: ``best.pt`` or ``last.pt``."""
+    from .training import build_from_state, load_checkpoint
+
+    metric = recipe.evaluation.metric
+    if not recipe.evaluation.keep_best:
+        line = f"done in {seconds:.0f} s; held-out {_value(metric, history.eval_nll[-1], 3)}"
+        if data.entropy is not None:
+            gap = history.eval_nll[-1] - data.entropy
+            line += f" (entropy {data.entropy:.3f}, gap {gap:.3f})"
+        print(line, flush=True)
+        return out / "last.pt"
+    best = min(range(len(history.eval_nll)), key=history.eval_nll.__getitem__)
+    state = load_checkpoint(out / "best.pt", map_location=device)
+    model = build_from_state(state, source=str(out / "best.pt")).to(device)
+    # the test value at cnf eval's tolerance, or at the training one if that is tighter
+    test_tol = min(tol, recipe.evaluation.tol)
+    test = recipe.score(model, data.part("test"), tol=test_tol, draws=draws)
+    print(
+        f"done in {seconds:.0f} s; best validation {_value(metric, history.eval_nll[best], 3)} "
+        f"at iteration {history.eval_iteration[best]}; its test {_value(metric, test, 3)} "
+        f"(tol {test_tol:g})",
+        flush=True,
+    )
+    return out / "best.pt"
+
+
+# --- eval, sample, plot ------------------------------------------------------------------------
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .data import sample_tensor
-    from .train import evaluate_nll
-
     device = _device(args.device)
-    model, name, _, state = _load(args.checkpoint, device)
-    if state["spec"].get("kind") == "image":
-        args.tol = args.tol if args.tol is not None else EVAL_IMAGE_TOL
-        return _eval_images(args, model, name, state)
-    args.tol = args.tol if args.tol is not None else 1e-7
-    ref = next(model.parameters())
-    data = sample_tensor(name, args.n, seed=args.seed, dtype=ref.dtype, device=device)
+    state, record, model = _open(args.checkpoint, device)
+    recipe, data = record.recipe, record.load()
+    policy = recipe.evaluation
+    test = data.part("test", seed=args.seed, n=args.n)
+    tol = policy.tol if args.tol is None else args.tol
+    draws = policy.test_draws if args.draws is None else args.draws
     tic = time.perf_counter()
-    nll = evaluate_nll(model, data, batch_size=args.batch_size, rtol=args.tol, atol=args.tol)
-    result = {
-        "data": name,
-        "n": args.n,
-        "nll": nll,
-        "iteration": int(state["iteration"]),
-        "tol": args.tol,
-        "seconds": time.perf_counter() - tic,
-    }
-    entropy = _entropy(name)
-    msg = (
-        f"{name}: test NLL {nll:.4f} nats on {args.n} fresh samples (exact trace, tol {args.tol:g})"
+    value = recipe.score(
+        model,
+        test,
+        tol=tol,
+        draws=draws,
+        seed=args.seed,
+        batch_size=args.batch_size or policy.batch_size,
     )
-    if entropy is not None:
-        result.update(entropy=entropy, gap=nll - entropy)
-        msg += f"; entropy {entropy:.4f}, gap {nll - entropy:.4f}"
-    print(msg)
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2))
-    return 0
-
-
-def _eval_images(args, model, name: str, state: dict) -> int:
-    from .train import evaluate_bits_per_dim
-
-    split_args = argparse.Namespace(data=name, root=state.get("root") or None)
-    test = _image_splits(split_args)[2]
-    levels = _levels(name)
-    solver = _image_eval_solver(model, args.tol)
-    tic = time.perf_counter()
-    bpd = evaluate_bits_per_dim(model, test, levels, draws=args.draws, seed=args.seed, **solver)
     result = {
-        "data": name,
+        "data": recipe.name,
         "n": len(test),
-        "bits_per_dim": bpd,
-        "draws": args.draws,
-        "trace": solver["trace"],
+        policy.metric: value,
+        "trace": policy.trace,
+        "split_seed": record.split_seed,
         "iteration": int(state["iteration"]),
-        "tol": args.tol,
+        "tol": tol,
         "seconds": time.perf_counter() - tic,
     }
-    print(
-        f"{name}: test {bpd:.4f} bits/dim on {len(test)} images, {args.draws} dequantization "
-        f"draws ({solver['trace']} trace, tol {args.tol:g})"
-    )
+    msg = f"{recipe.name}: test {_value(policy.metric, value, 4)} on {len(test)} points"
+    if policy.metric == "bits_per_dim":
+        result["draws"] = draws
+        msg += f", {draws} dequantization draws"
+    msg += f" ({policy.trace} trace, tol {tol:g})"
+    if data.entropy is not None:
+        result.update(entropy=data.entropy, gap=value - data.entropy)
+        msg += f"; entropy {data.entropy:.4f}, gap {value - data.entropy:.4f}"
+    print(msg)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
     return 0
@@ -317,11 +200,11 @@ def _eval_images(args, model, name: str, state: dict) -> int:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     device = _device(args.device)
-    model, _, _, state = _load(args.checkpoint, device)
+    _, record, model = _open(args.checkpoint, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         x = model.sample(args.n, generator=gen)
-    if state["spec"].get("kind") == "image":
+    if record.recipe.levels is not None:
         x = x.clamp(0.0, 1.0)  # the logit's inverse can step slightly outside [0, 1]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -330,52 +213,57 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_pictures(checkpoint, out: Path, device, *, n: int, gif: bool) -> None:
+def _toy_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
+    from . import plot
+    from .data import DENSITY_NAMES, density
+
+    data = record.load().part("test", seed=0, n=n).numpy()
+    true = density(record.name) if record.name in DENSITY_NAMES else None
+    gen = torch.Generator(device=device).manual_seed(0)
+    figures = {
+        "density.png": plot.plot_density(model, data=data, true_density=true),
+        "samples.png": plot.plot_samples(model.sample(n, generator=gen).detach(), data=data),
+        "trajectories.png": plot.plot_trajectories(model),
+    }
+    if not gif:
+        return figures, []
+    plot.animate_flow(model, out / "flow.gif")
+    return figures, ["flow.gif"]
+
+
+def _image_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
+    from . import plot
+
+    test = record.load().part("test", n=n).float() / record.recipe.levels
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        samples = model.sample(n, generator=gen).clamp(0.0, 1.0)
+    figures = {"samples.png": plot.plot_images(samples, test, titles=("model samples", "test"))}
+    return figures, []  # no animation of images
+
+
+PICTURES = {"toy2d": (_toy_pictures, 20000), "image": (_image_pictures, 64)}
+"""Per kind of model: the function that draws its pictures (figures, and the names of files it
+wrote itself) and their default number of samples."""
+
+
+def _write_pictures(checkpoint, out: Path, device, *, n: int | None, gif: bool) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
     from . import plot
-    from .data import DENSITY_NAMES, density, sample
 
-    model, name, history, state = _load(str(checkpoint), device)
+    state, record, model = _open(checkpoint, device)
     out.mkdir(parents=True, exist_ok=True)
-    if state["spec"].get("kind") == "image":
-        args = argparse.Namespace(data=name, root=state.get("root") or None)
-        test = _image_splits(args)[2][:n].float() / _levels(name)
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            samples = model.sample(n, generator=gen).clamp(0.0, 1.0)
-        figures = {
-            "samples.png": plot.plot_images(samples, test, titles=("model samples", "test")),
-            "curves.png": plot.plot_curves(history.to_dict()),
-        }
-        for fname, fig in figures.items():
-            fig.savefig(out / fname, dpi=120, bbox_inches="tight")
-            plt.close(fig)
-        print(f"wrote {', '.join(figures)} to {out}/", flush=True)
-        return
-    data = sample(name, n, seed=0)
-    true = density(name) if name in DENSITY_NAMES else None
-    out.mkdir(parents=True, exist_ok=True)
-    figures = {
-        "density.png": plot.plot_density(model, data=data, true_density=true),
-        "samples.png": plot.plot_samples(
-            model.sample(n, generator=torch.Generator(device=device).manual_seed(0)).detach(),
-            data=data,
-        ),
-        "trajectories.png": plot.plot_trajectories(model),
-        "curves.png": plot.plot_curves(history.to_dict()),
-    }
+    draw, default_n = PICTURES[record.recipe.kind]
+    figures, files = draw(model, record, n or default_n, device, gif, out)
+    figures["curves.png"] = plot.plot_curves(state["history"])
     for fname, fig in figures.items():
         fig.savefig(out / fname, dpi=120, bbox_inches="tight")
         plt.close(fig)
-    written = list(figures)
-    if gif:
-        plot.animate_flow(model, out / "flow.gif")
-        written.append("flow.gif")
-    print(f"wrote {', '.join(written)} to {out}/", flush=True)
+    print(f"wrote {', '.join([*figures, *files])} to {out}/", flush=True)
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -384,75 +272,86 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parser() -> argparse.ArgumentParser:
-    from .data import NAMES
-    from .fields import ACTIVATIONS
-    from .models import ARCHITECTURES, IMAGE_MODELS, TOY_DEFAULTS
+# --- flags -------------------------------------------------------------------------------------
 
-    p = argparse.ArgumentParser(
-        prog="cnf", description="Continuous normalizing flows: train, evaluate, sample, plot."
+
+def _train_parser(sub) -> None:
+    from .recipes import architectures, get, names
+
+    examples = "; ".join(
+        f"{name}: {dict(get(name).training)}, model {dict(get(name).model)}"
+        for name in ("8gaussians", "digits", "mnist")
     )
-    sub = p.add_subparsers(dest="command", required=True)
-
     t = sub.add_parser(
         "train",
         help="fit a density by maximum likelihood (2-D toy data or images)",
-        description="Defaults depend on the data: 2-D toy sets "
-        f"{DEFAULTS} (model {TOY_DEFAULTS}); digits {DIGITS_DEFAULTS} (cnf.dense model); "
-        f"MNIST and CIFAR-10 {IMAGE_DEFAULTS} (cnf.multiscale models).",
+        description="Every default comes from the recipe of --data and --architecture "
+        f"(cnf.recipes.get(data, architecture)), e.g. {examples}.",
     )
-    t.add_argument("--data", default="8gaussians", choices=(*NAMES, *IMAGE_MODELS))
-    t.add_argument("--root", help="folder of the MNIST/CIFAR-10 files (images only)")
-    t.add_argument("--out", help="output folder (default runs/<data>)")
-    t.add_argument("--iters", type=int)
-    t.add_argument("--batch-size", type=int)
-    t.add_argument("--lr", type=float)
-    t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--schedule", choices=("constant", "cosine"))
-    t.add_argument("--clip-grad", type=float, default=None)
-    t.add_argument("--trace", choices=("exact", "hutchinson"))
-    t.add_argument("--tol", type=float, help="rtol = atol of the training solves")
-    t.add_argument("--hidden", type=_ints, help="hidden sizes (2-D) or channels (images)")
-    t.add_argument("--activation", choices=ACTIVATIONS, help="the field's activation")
+    t.add_argument("--data", default="8gaussians", choices=names())
     t.add_argument(
         "--architecture",
-        choices=ARCHITECTURES,
-        help="image model family (default: dense for digits, multiscale for MNIST/CIFAR-10)",
+        choices=architectures(),
+        help="model family (default: the data's first recipe: mlp for 2-D data, dense for "
+        "digits, multiscale for MNIST/CIFAR-10)",
     )
-    t.add_argument(
-        "--blocks", type=int, help="CNF blocks (2-D, dense image models) or blocks per scale"
-    )
-    t.add_argument("--T", type=float)
-    t.add_argument("--fixed-T", action="store_true", help="do not learn the integration time")
-    t.add_argument("--kinetic", type=float)
-    t.add_argument("--jacobian", type=float)
-    t.add_argument("--ema", type=float, help="EMA decay of the weights; 0 turns it off")
-    t.add_argument("--dtype", choices=("float32", "float64"), default=TOY_DEFAULTS["dtype"])
-    t.add_argument("--draws", type=int, help="dequantization draws per evaluation (images)")
-    t.add_argument(
-        "--translate",
-        type=float,
-        help="images: probability of moving a training image by one pixel (augmentation)",
-    )
-    t.add_argument("--eval-every", type=int)
-    t.add_argument("--eval-n", type=int, default=5000, help="held-out samples for the curves")
+    t.add_argument("--root", help="folder of the MNIST/CIFAR-10 files")
+    t.add_argument("--split-seed", type=int, help="seed of the digits' train/val/test split")
+    t.add_argument("--out", help="output folder (default runs/<data>)")
+    _model_flags(t)
+    _training_flags(t)
+    t.add_argument("--eval-n", type=int, help="held-out points for the curves (2-D data)")
     t.add_argument("--checkpoint-every", type=int, default=100)
     t.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
-    t.add_argument("--seed", type=int, default=0)
     t.add_argument("--device", default="auto")
     t.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    t.add_argument("--plot-n", type=int, default=20000, help="samples in the pictures")
+    t.add_argument("--plot-n", type=int, help="samples in the pictures")
     t.add_argument("--no-plot", action="store_true")
     t.add_argument("--no-gif", action="store_true")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_train)
 
-    e = sub.add_parser("eval", help="exact test NLL (2-D: fresh samples) or bits/dim (images)")
+
+def _model_flags(t: argparse.ArgumentParser) -> None:
+    from .fields import ACTIVATIONS
+
+    t.add_argument("--trace", choices=("exact", "hutchinson"), help="trace of training solves")
+    t.add_argument("--tol", type=float, help="rtol = atol of the training solves")
+    t.add_argument("--hidden", type=_ints, help="hidden sizes (MLPs) or channels (multiscale)")
+    t.add_argument("--activation", choices=ACTIVATIONS, help="the field's activation")
+    t.add_argument("--blocks", type=int, help="CNF blocks, or blocks per scale (multiscale)")
+    t.add_argument("--T", type=float)
+    t.add_argument("--fixed-T", action="store_true", help="do not learn the integration time")
+    t.add_argument("--dtype", choices=("float32", "float64"))
+
+
+def _training_flags(t: argparse.ArgumentParser) -> None:
+    t.add_argument("--iters", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--lr", type=float)
+    t.add_argument("--weight-decay", type=float)
+    t.add_argument("--schedule", choices=("constant", "cosine"))
+    t.add_argument("--clip-grad", type=float)
+    t.add_argument("--kinetic", type=float)
+    t.add_argument("--jacobian", type=float)
+    t.add_argument("--ema", type=float, help="EMA decay of the weights; 0 turns it off")
+    t.add_argument("--eval-every", type=int)
+    t.add_argument("--draws", type=int, help="dequantization draws per validation (images)")
+    t.add_argument(
+        "--translate",
+        type=float,
+        help="images: probability of moving a training image by one pixel (augmentation)",
+    )
+    t.add_argument("--seed", type=int, default=0)
+
+
+def _other_parsers(sub) -> None:
+    e = sub.add_parser("eval", help="test NLL (2-D: fresh samples) or bits/dim (images)")
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--n", type=int, default=20000)
-    e.add_argument("--tol", type=float, help="solver tolerance (default 1e-7; images 1e-5)")
-    e.add_argument("--draws", type=int, default=4, help="dequantization draws (images)")
-    e.add_argument("--batch-size", type=int, default=5000)
+    e.add_argument("--n", type=int, help="test points (default: 20000 fresh 2-D points, or all)")
+    e.add_argument("--tol", type=float, help="solver tolerance (default: the recipe's)")
+    e.add_argument("--draws", type=int, help="dequantization draws (images; default 4)")
+    e.add_argument("--batch-size", type=int)
     e.add_argument("--seed", type=int, default=12345)
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--device", default="auto")
@@ -469,82 +368,30 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("plot", help="write the pictures of a trained model")
     q.add_argument("--checkpoint", required=True)
     q.add_argument("--out", help="folder (default: the checkpoint's)")
-    q.add_argument("--n", type=int, default=20000)
+    q.add_argument("--n", type=int, help="samples (default: 20000 2-D points, 64 images)")
     q.add_argument("--no-gif", action="store_true")
     q.add_argument("--device", default="auto")
     q.set_defaults(func=cmd_plot)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="cnf", description="Continuous normalizing flows: train, evaluate, sample, plot."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    _other_parsers(sub)
     return p
-
-
-IMAGE_DEFAULTS = {
-    "iters": 1000,
-    "batch_size": 64,
-    "lr": 1e-3,
-    "schedule": "cosine",
-    "kinetic": 0.0,
-    "jacobian": 0.0,
-    "ema": 0.995,
-    "eval_every": 250,
-    "trace": "hutchinson",
-    "tol": 1e-5,
-    "draws": 2,
-    "translate": 0.0,
-}
-"""Training defaults of ``cnf train`` for MNIST and CIFAR-10 (validation every 250 iterations;
-the checkpoint with the best validation bits/dim is kept as ``best.pt``)."""
-
-EVAL_IMAGE_TOL = 1e-5
-"""Solver tolerance of ``cnf eval`` on images and of the test value ``cnf train`` reports."""
-
-DIGITS_DEFAULTS = {
-    **IMAGE_DEFAULTS,
-    "iters": 2000,
-    "trace": "exact",
-    "batch_size": 128,
-    "lr": 1e-2,
-    "tol": 1e-3,
-    "kinetic": 0.01,
-    "jacobian": 0.01,
-    "translate": 0.5,
-}
-"""Training defaults of ``cnf train --data digits`` (the dense model of :mod:`cnf.dense`), from
-a sweep on one thread (README, docs/bench_digits.md): one-pixel translations of half the
-training images keep the train/validation gap near 0.1 bits/dim (0.25 without) and move the
-best validation point from iteration ~1000 to ~1500; training with the exact trace (for the
-two-hidden-layer field a bilinear form in the activation slopes, no autograd) reaches about
-0.015 bits/dim lower than Hutchinson's estimate, at about 25% more time per iteration; tol 1e-3
-trains as well as 1e-5 at fewer steps; RNODE's regularizers (0.01, 0.01) cut the NFE by a third
-at equal quality. The checkpoint with the best validation bits/dim is kept."""
-
-DEFAULTS = {
-    "iters": 1000,
-    "batch_size": 512,
-    "lr": 5e-3,
-    "schedule": "cosine",
-    "kinetic": 0.0,
-    "jacobian": 0.0,
-    "ema": 0.995,
-    "eval_every": 100,
-}
-"""Training defaults of ``cnf train``, chosen for the 3-minute budget on 2 CPU cores: a large
-batch with a high, cosine-decayed learning rate and an EMA of the weights converges in 1000
-iterations to within 0.01 (8gaussians), 0.04 (pinwheel) and 0.2 nats (checkerboard) of the
-entropy (``scripts/quality_toy.py``)."""
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .train import CheckpointError, TrainingError
+    from .training import CheckpointError, TrainingError
 
     try:
         return args.func(args)
     except (CheckpointError, TrainingError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except RuntimeError as exc:  # e.g. --resume with a checkpoint of a different architecture
-        if "state_dict" not in str(exc):
-            raise
-        print(f"error: the checkpoint does not fit this model ({str(exc)[:300]})", file=sys.stderr)
         return 2
 
 

@@ -12,7 +12,7 @@ import torch
 
 from cnf.cli import main
 from cnf.data import density
-from cnf.train import MaximumLikelihood, fit, load_checkpoint
+from cnf.training import MaximumLikelihood, fit, load_checkpoint
 
 PICTURES = ("density.png", "samples.png", "trajectories.png", "curves.png")
 PNG, GIF = b"\x89PNG\r\n\x1a\n", b"GIF8"
@@ -292,3 +292,72 @@ def test_translate_on_2d_data_is_an_error_message(tmp_path, capsys):
     argv = ["train", "--data", "moons", "--out", str(tmp_path), "--translate", "0.5"]
     assert main(argv) == 2
     assert "does not apply to 2-D data" in capsys.readouterr().err
+
+
+def test_architecture_without_a_recipe_is_an_error_message(tmp_path, capsys):
+    argv = ["train", "--data", "moons", "--architecture", "multiscale", "--out", str(tmp_path)]
+    assert main(argv) == 2
+    assert "moons has recipes for architecture(s) mlp" in capsys.readouterr().err
+
+
+def test_split_seed_on_2d_data_is_an_error_message(tmp_path, capsys):
+    argv = ["train", "--data", "moons", "--out", str(tmp_path), "--split-seed", "7"]
+    assert main(argv) == 2
+    assert "no split to seed" in capsys.readouterr().err
+
+
+# --- recipes in checkpoints --------------------------------------------------------------------
+
+
+def test_checkpoint_records_its_recipe(run):
+    _, out = run
+    state = load_checkpoint(out / "last.pt")
+    assert state["recipe"] == {
+        "name": "8gaussians",
+        "architecture": "mlp",
+        "split_seed": None,
+        "root": None,
+    }
+
+
+def test_eval_of_a_checkpoint_without_a_recipe_record(run, tmp_path):
+    # checkpoints written before records existed: the spec and the data name say the recipe
+    _, out = run
+    state = load_checkpoint(out / "last.pt")
+    del state["recipe"]
+    old = tmp_path / "old.pt"
+    torch.save(state, old)
+    results = []
+    for path in (out / "last.pt", old):
+        result = tmp_path / "eval.json"
+        argv = ["eval", "--checkpoint", str(path), "--n", "100", "--tol", "1e-3"]
+        assert main([*argv, "--json", str(result)]) == 0
+        results.append(json.loads(result.read_text()))
+    assert results[0]["nll"] == results[1]["nll"]
+    assert results[1]["split_seed"] is None
+
+
+def test_eval_tests_on_the_split_the_model_was_trained_on(tmp_path):
+    pytest.importorskip("sklearn")
+    from cnf import recipes
+    from cnf.data import load_digits
+    from cnf.training import load
+
+    out = tmp_path / "digits"
+    flags = ("--iters", "1", "--batch-size", "8", "--hidden", "4", "--blocks", "1")
+    flags += ("--tol", "1e-2", "--draws", "1", "--split-seed", "7", "--threads", "1")
+    argv = ["train", "--data", "digits", "--out", str(out), "--quiet", "--no-plot", *flags]
+    assert main(argv) == 0
+    assert load_checkpoint(out / "best.pt")["recipe"]["split_seed"] == 7
+    path = tmp_path / "eval.json"
+    argv = ["eval", "--checkpoint", str(out / "best.pt"), "--draws", "1", "--tol", "1e-2"]
+    assert main([*argv, "--json", str(path)]) == 0
+    result = json.loads(path.read_text())
+    assert result["split_seed"] == 7 and result["n"] == 297
+
+    recipe, model = recipes.get("digits"), load(out / "best.pt")
+    score = {"tol": 1e-2, "draws": 1, "seed": 12345}
+    test7, test0 = (load_digits("test", seed=s).images for s in (7, 0))
+    assert not torch.equal(test7, test0)
+    assert result["bits_per_dim"] == pytest.approx(recipe.score(model, test7, **score), rel=1e-6)
+    assert result["bits_per_dim"] != pytest.approx(recipe.score(model, test0, **score), rel=1e-6)
