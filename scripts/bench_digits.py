@@ -15,9 +15,9 @@ one thread (``--threads``); at regular times its validation and test bits/dim ar
 (evaluation time is not counted as training time). The models overfit this small set, so each
 is reported by the test bits/dim at its best validation point so far, at equal wall times.
 
-* ``cnf``: what ``cnf train --data digits`` does with its defaults (``cnf.cli.DIGITS_DEFAULTS``:
-  the dense MLP model, its iterations, batch, learning rate, cosine schedule, RNODE weights,
-  EMA), evaluated
+* ``cnf``: what ``cnf train --data digits`` does with its defaults (the recipe
+  ``cnf.recipes.get("digits")``: the dense MLP model, its iterations, batch, learning rate,
+  cosine schedule, RNODE weights, EMA, one-pixel translations), evaluated
   with the exact trace at rtol = atol = 1e-5; it runs for its iteration budget, not
   ``--minutes``.
 * ``nsf``, ``maf``: zuko's NSF and MAF (5 transforms, 256-256), Adam 1e-3, batch 64, for
@@ -26,7 +26,7 @@ is reported by the test bits/dim at its best validation point so far, at equal w
   1e-3, batch 64, for ``--minutes``.
 * a suffix ``@alpha`` (e.g. ``nsf@0.01``) gives a zuko flow another logit ``alpha``, and a
   suffix ``/tP`` (e.g. ``nsf@0.01/t0.5``) trains it on images moved by one pixel with
-  probability ``P`` (``cnf.train.image_sampler``'s ``translate``, cnf's digits augmentation).
+  probability ``P`` (``cnf.training.image_sampler``'s ``translate``, cnf's digits augmentation).
 
 References: the uniform model (log2 17 = 4.09) and an independent per-pixel histogram fitted on
 train (add-one smoothing).
@@ -40,10 +40,10 @@ import time
 
 import torch
 
-from cnf.cli import DIGITS_DEFAULTS
+from cnf import recipes
 from cnf.data import load_digits
-from cnf.models import build, image_spec
-from cnf.train import fit, image_sampler
+from cnf.models import build
+from cnf.training import fit, image_sampler
 from cnf.transforms import LogitTransform, bits_per_dim, dequantize
 
 try:
@@ -95,32 +95,21 @@ class Clock:
 
 
 def run_cnf(train_images, val_sets, test_sets, eval_every: int, iters: int | None) -> Clock:
-    s = {**DIGITS_DEFAULTS, **({"iters": iters} if iters else {})}
-    model = build(image_spec("digits", trace=s["trace"], rtol=s["tol"], atol=s["tol"]))
+    recipe = recipes.get("digits")
+    options = recipe.fit_options(iters=iters, eval_every=eval_every, progress=False)
+    model = build(recipe.spec())
     clock, count = Clock("cnf"), [0]
 
     def evaluate(m):
-        count[0] = min(count[0] + eval_every, s["iters"])  # fit also evaluates at the end
+        count[0] = min(count[0] + eval_every, options["iters"])  # fit also evaluates at the end
 
         def lp(x):
             return m.log_prob(x, trace="exact", rtol=1e-5, atol=1e-5)
 
         return clock.record(count[0], lambda: (mean_bpd(lp, val_sets), mean_bpd(lp, test_sets)))
 
-    fit(
-        model,
-        image_sampler(train_images, LEVELS, translate=s["translate"]),
-        iters=s["iters"],
-        batch_size=s["batch_size"],
-        lr=s["lr"],
-        schedule=s["schedule"],
-        kinetic=s["kinetic"],
-        jacobian=s["jacobian"],
-        ema=s["ema"],
-        eval_fn=evaluate,
-        eval_every=eval_every,
-        progress=False,
-    )
+    sampler = image_sampler(train_images, LEVELS, **recipe.augment)
+    fit(model, sampler, eval_fn=evaluate, **options)
     return clock
 
 
