@@ -7,6 +7,7 @@ with ``torch.load(..., weights_only=True)``; :func:`build` turns it into a model
 from __future__ import annotations
 
 from copy import deepcopy
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -16,7 +17,6 @@ from .flow import CNF, Flow, SequentialFlow
 
 __all__ = [
     "ARCHITECTURES",
-    "DEFAULT_ARCHITECTURE",
     "IMAGE_MODELS",
     "TOY_DEFAULTS",
     "build",
@@ -31,23 +31,21 @@ ARCHITECTURES = ("dense", "multiscale")
 """Image model families: a dense MLP field on the flattened image (:class:`cnf.DenseImageCNF`)
 or FFJORD's multiscale conv model (:class:`cnf.MultiscaleCNF`)."""
 
-DEFAULT_ARCHITECTURE = {"digits": "dense", "mnist": "multiscale", "cifar10": "multiscale"}
-"""The default family per data set: dense for the 64-dimensional digits (faster and better
-there, see the README), multiscale for MNIST and CIFAR-10 (FFJORD's setting)."""
-
-TOY_DEFAULTS: dict[str, Any] = {
-    "kind": "toy2d",
-    "hidden": [64, 64, 64],
-    "activation": "tanh",
-    "blocks": 1,
-    "T": 0.5,
-    "train_T": True,
-    "trace": "exact",
-    "method": "dopri5",
-    "rtol": 1e-4,
-    "atol": 1e-4,
-    "dtype": "float32",
-}
+TOY_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
+    {
+        "kind": "toy2d",
+        "hidden": (64, 64, 64),
+        "activation": "tanh",
+        "blocks": 1,
+        "T": 0.5,
+        "train_T": True,
+        "trace": "exact",
+        "method": "dopri5",
+        "rtol": 1e-4,
+        "atol": 1e-4,
+        "dtype": "float32",
+    }
+)
 """The 2-D model of the main job: FFJORD's toy architecture (ConcatSquash 64-64-64, tanh)."""
 
 
@@ -72,13 +70,18 @@ def image_spec(data: str, architecture: str | None = None, **options: Any) -> di
 
     Args:
         data: one of :data:`IMAGE_MODELS`.
-        architecture: ``"dense"`` or ``"multiscale"``; None: :data:`DEFAULT_ARCHITECTURE`.
+        architecture: ``"dense"`` or ``"multiscale"``; None: the default of the data set's
+            recipe (:func:`cnf.recipes.get`): dense for the digits, multiscale for MNIST and
+            CIFAR-10.
         options: any argument of :class:`cnf.DenseImageCNF` or :class:`cnf.MultiscaleCNF`
             (lists for sequences) plus ``dtype``; they are checked by building the model once.
     """
     if data not in IMAGE_MODELS:
         raise ValueError(f"unknown image data {data!r}; choose one of {IMAGE_MODELS}")
-    architecture = architecture or DEFAULT_ARCHITECTURE[data]
+    if architecture is None:
+        from .recipes import get
+
+        architecture = get(data).architecture
     if architecture not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {architecture!r}; choose one of {ARCHITECTURES}")
     if data == "digits" and architecture == "dense":
@@ -104,11 +107,12 @@ def _build_image(spec: dict[str, Any]) -> Flow:
     # specs written before dense models existed have no architecture: they are multiscale
     architecture = spec.get("architecture", "multiscale")
     if architecture == "dense":
-        shapes = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+        from .recipes import get
+
         if spec["data"] == "digits":
             model = dense.digits_dense_model(**options)
         else:
-            model = dense.DenseImageCNF(shapes[spec["data"]], **options)
+            model = dense.DenseImageCNF(get(spec["data"], "dense").event_shape, **options)
     else:
         make = {
             "digits": multiscale.digits_model,
