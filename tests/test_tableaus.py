@@ -7,8 +7,7 @@ import functools
 import numpy as np
 import pytest
 
-import cnf
-from cnf import TABLEAUS, ButcherTableau
+from cnf.ode import METHODS, TABLEAUS, ButcherTableau
 
 ALL = sorted(TABLEAUS)
 ADAPTIVE = ["bosh3", "dopri5", "tsit5"]
@@ -86,7 +85,15 @@ def test_registry_holds_the_documented_methods():
         assert tab.name == name
         assert tab.order == EXPECTED_ORDER[name]
         assert tab.adaptive == (name in ADAPTIVE)
-        assert cnf.TABLEAUS[name] is tab
+    assert METHODS == tuple(ALL)
+
+
+def test_registry_is_read_only():
+    """A user's entry would silently change what ``method=...`` means for every solve."""
+    with pytest.raises(TypeError):
+        TABLEAUS["rk4"] = TABLEAUS["euler"]
+    with pytest.raises(TypeError):
+        del TABLEAUS["rk4"]
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -1,6 +1,6 @@
 """Butcher tableaus of the explicit Runge-Kutta methods, kept as validated data.
 
-A method is its coefficients: one generic step in :mod:`cnf.ode.stepping` runs all of them.
+A method is its coefficients: one generic Runge-Kutta step runs all of them.
 For a tableau with ``s`` stages the step from ``(t, y)`` with size ``h`` computes
 
     k_i = f(t + c_i h, y + h * sum_{j<i} a_ij k_j),        i = 0 .. s-1
@@ -16,12 +16,14 @@ has as its last stage.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from types import MappingProxyType
 
 import numpy as np
 
-__all__ = ["ButcherTableau", "TABLEAUS", "get_tableau"]
+__all__ = ["METHODS", "TABLEAUS", "ButcherTableau"]
 
 _TOL = 1e-12
 
@@ -320,16 +322,12 @@ TSIT5 = ButcherTableau(
     reference="Tsitouras (2011), Comput. Math. Appl. 62(2) 770-775",
 )
 
-TABLEAUS: dict[str, ButcherTableau] = {
-    tab.name: tab for tab in (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5)
-}
+# Read-only: the solver looks methods up here, so an entry added or replaced by a user would
+# silently change what ``method="..."`` means everywhere.
+TABLEAUS: Mapping[str, ButcherTableau] = MappingProxyType(
+    {tab.name: tab for tab in (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5)}
+)
+"""The built-in methods by name."""
 
-
-def get_tableau(method: str) -> ButcherTableau:
-    """Look a method up by name; an unknown name is a ``ValueError`` listing the valid ones."""
-    try:
-        return TABLEAUS[method]
-    except (KeyError, TypeError):
-        raise ValueError(
-            f"unknown method {method!r}; choose one of {', '.join(sorted(TABLEAUS))}"
-        ) from None
+METHODS: tuple[str, ...] = tuple(sorted(TABLEAUS))
+"""The names ``method=`` accepts, sorted."""

@@ -10,16 +10,25 @@ overhead counts); a tuple state is concatenated into one flat vector.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
 import torch
 from torch import Tensor
 
-from .stepping import Config
-from .tableaus import ButcherTableau, get_tableau
+from ._control import Config
+from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
-__all__ = ["Problem", "make_config"]
+__all__ = [
+    "Problem",
+    "State",
+    "check_adjoint_params",
+    "check_options",
+    "get_tableau",
+    "make_config",
+    "positive",
+    "tolerance_vector",
+]
 
 State = Tensor | tuple[Tensor, ...]
 
@@ -36,7 +45,8 @@ _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {
 }
 
 
-def _positive(name: str, value) -> float:
+def positive(name: str, value) -> float:
+    """``value`` as a positive, finite float; a ``ValueError`` naming ``name`` otherwise."""
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -46,9 +56,24 @@ def _positive(name: str, value) -> float:
     return value
 
 
-def _check_options(tab: ButcherTableau, options: dict | None) -> dict:
+def get_tableau(method: str) -> ButcherTableau:
+    """Look a method up by name; an unknown name is a ``ValueError`` listing the valid ones."""
+    try:
+        return TABLEAUS[method]
+    except (KeyError, TypeError):
+        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
+
+
+def check_options(options, method: str | None, adaptive: bool = True) -> dict:
+    """Validate solver ``options`` for ``method`` (adaptive or not) and drop None values.
+
+    ``method=None`` checks the options every adaptive method takes (the method is not known
+    yet: a backward solve that defaults to the forward's).
+    """
+    if options is not None and not isinstance(options, Mapping):
+        raise ValueError(f"options must be a dict of solver options, got {options!r}")
     options = dict(options or {})
-    valid = _ADAPTIVE_OPTIONS if tab.adaptive else _FIXED_OPTIONS
+    valid = _ADAPTIVE_OPTIONS if adaptive else _FIXED_OPTIONS
     unknown = set(options) - valid
     if unknown:
         extra = (
@@ -56,40 +81,35 @@ def _check_options(tab: ButcherTableau, options: dict | None) -> dict:
             if unknown & _ADAPTIVE_OPTIONS
             else ""
         )
+        for_method = f" for method {method!r}" if method is not None else ""
         raise ValueError(
-            f"unknown option(s) {sorted(unknown)} for method {tab.name!r}{extra}; "
+            f"unknown option(s) {sorted(unknown)}{for_method}{extra}; "
             f"valid options: {sorted(valid)}"
         )
-    out = {}
-    for key, value in options.items():
-        if value is None:
-            continue
-        if key == "max_num_steps":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"options['max_num_steps'] must be a positive int, got {value!r}")
-            out[key] = value
-        elif key == "min_step":
-            value = float(value)
-            if not value >= 0:
-                raise ValueError(f"options['min_step'] must be >= 0, got {value!r}")
-            out[key] = value
-        elif key == "max_step":
-            value = float(value)
-            if not value > 0:
-                raise ValueError(f"options['max_step'] must be > 0, got {value!r}")
-            out[key] = value
-        elif key in ("pcoeff",):
-            value = float(value)
-            if not value >= 0:
-                raise ValueError(f"options['pcoeff'] must be >= 0, got {value!r}")
-            out[key] = value
-        else:
-            out[key] = _positive(f"options[{key!r}]", value)
+    out = {key: _option_value(key, value) for key, value in options.items() if value is not None}
     if out.get("dfactor", 0.2) >= 1 or out.get("ifactor", 10.0) <= 1:
         raise ValueError("options need dfactor < 1 < ifactor")
     if out.get("min_step", 0.0) > out.get("max_step", math.inf):
         raise ValueError("options['min_step'] must not exceed options['max_step']")
     return out
+
+
+def _option_value(key: str, value):
+    name = f"options[{key!r}]"
+    if key == "max_num_steps":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+        return value
+    if key not in ("min_step", "max_step", "pcoeff"):
+        return positive(name, value)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    # min_step and pcoeff may be zero, max_step infinite.
+    if not (number > 0 if key == "max_step" else number >= 0):
+        raise ValueError(f"{name} must be {'> 0' if key == 'max_step' else '>= 0'}, got {value!r}")
+    return number
 
 
 def make_config(
@@ -103,11 +123,12 @@ def make_config(
 ) -> Config:
     """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
     tab = get_tableau(method)
+    options = check_options(options, tab.name, tab.adaptive)
     if norm_sizes is not None:  # the error norm only reads the leading entries
         atol, rtol = atol[: sum(norm_sizes)], rtol[: sum(norm_sizes)]
     return replace(
         Config(tableau=tab, atol=atol, rtol=rtol, time_eps=time_eps, norm_sizes=norm_sizes),
-        **_check_options(tab, options),
+        **options,
     )
 
 
@@ -137,6 +158,7 @@ def _check_times(t) -> tuple[Tensor, list[float]]:
 
 
 def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Tensor) -> Tensor:
+    """One tolerance per state entry, shape ``(sum(sizes),)``, from a number or one per tensor."""
     if isinstance(tol, (tuple, list)):
         if not is_tuple:
             raise ValueError(f"{name} is a sequence, which is only allowed for a tuple state")
@@ -145,9 +167,9 @@ def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Ten
                 f"{name} has {len(tol)} entries but the state has {len(sizes)} tensors; "
                 "give one tolerance per tensor or a single number"
             )
-        values = [_positive(f"{name}[{i}]", x) for i, x in enumerate(tol)]
+        values = [positive(f"{name}[{i}]", x) for i, x in enumerate(tol)]
     else:
-        values = [_positive(name, tol)] * len(sizes)
+        values = [positive(name, tol)] * len(sizes)
     return torch.cat(
         [torch.full((n,), v, dtype=like.dtype, device=like.device) for v, n in zip(values, sizes)]
     )

@@ -1,0 +1,235 @@
+"""Gradients of ODE solutions without storing the solver's autograd graph.
+
+:class:`AdjointSolve` runs the forward solve inside one ``torch.autograd.Function`` and, in its
+backward pass, either replays the recorded steps (:class:`~cnf.ode.Checkpoint`) or solves the
+augmented adjoint ODE backwards (:class:`~cnf.ode.Backsolve`); the strategies' docstrings give
+the equations. Gradients with respect to the output times come from :mod:`cnf.ode._time`.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ._control import Config
+from ._integrate import Counts, integrate
+from ._output import Record
+from ._problem import Problem, make_config, tolerance_vector
+from ._rk import dense_output, rk_step
+from ._strategies import AdjointStrategy, Backsolve
+from ._time import time_gradient
+
+__all__ = ["AdjointSolve"]
+
+
+class AdjointSolve:
+    """One solve with adjoint gradients: settings checked on construction, run by :meth:`run`.
+
+    Args:
+        problem: the checked problem.
+        config: the forward solver's settings.
+        strategy: :class:`~cnf.ode.Checkpoint` or :class:`~cnf.ode.Backsolve`.
+        params: the tensors to differentiate with respect to, besides ``y0`` and ``t``.
+    """
+
+    def __init__(
+        self,
+        problem: Problem,
+        config: Config,
+        strategy: AdjointStrategy,
+        params: tuple[Tensor, ...],
+    ) -> None:
+        self.problem, self.config, self.params = problem, config, params
+        # Built now, not in the backward pass, so that bad settings fail at the call.
+        self.backward_config = (
+            _backsolve_config(problem, config, strategy, sum(p.numel() for p in params))
+            if isinstance(strategy, Backsolve)
+            else None
+        )
+        self.forward_counts = Counts()
+        self.on_backward: Callable[[Counts], None] = lambda counts: None
+
+    def run(self, on_backward: Callable[[Counts], None]) -> tuple[Tensor, Counts]:
+        """Solve; returns the stacked flat outputs ``(T, *y0.shape)`` and the forward counts.
+
+        ``on_backward(counts)`` receives the backward pass's counts once it has run.
+        """
+        self.on_backward = on_backward
+        ys = _AdjointFunction.apply(self, self.problem.t, self.problem.y0, *self.params)
+        return ys, self.forward_counts
+
+
+def _backsolve_config(
+    problem: Problem, config: Config, strategy: Backsolve, n_params: int
+) -> Config:
+    """The backward solver's settings for the augmented state ``[y, a, g]``.
+
+    ``y`` and ``a`` take the adjoint tolerances (per state tensor, like the forward), ``g`` the
+    tightest of them. The error norm is the largest RMS over the sections (each tensor of
+    ``y``, of ``a``, and ``g``), so the many gradient entries cannot average away the error of
+    the few state entries; the seminorm leaves ``g`` out.
+    """
+    tol_y = [
+        forward.reshape(-1)
+        if tol is None
+        else tolerance_vector(name, tol, problem.sizes, problem.is_tuple, problem.y0)
+        for name, tol, forward in (
+            ("adjoint_atol", strategy.atol, problem.atol),
+            ("adjoint_rtol", strategy.rtol, problem.rtol),
+        )
+    ]
+    tols = [torch.cat([v, v, v.new_full((n_params,), v.min().item())]) for v in tol_y]
+    leave_out_g = strategy.norm == "seminorm" or not n_params
+    sections = (*problem.sizes, *problem.sizes) + (() if leave_out_g else (n_params,))
+    method = strategy.method if strategy.method is not None else config.tableau.name
+    return make_config(
+        method, *tols, strategy.options, time_eps=problem.time_eps, norm_sizes=sections
+    )
+
+
+class _AdjointFunction(torch.autograd.Function):
+    """``ys = solve(y0)`` with a hand-written backward pass."""
+
+    @staticmethod
+    def forward(ctx, solve: AdjointSolve, t: Tensor, y0: Tensor, *params: Tensor) -> Tensor:
+        record = Record() if solve.backward_config is None else None
+        problem = solve.problem
+        outs, solve.forward_counts = integrate(
+            problem.rhs, y0, problem.ts, solve.config, record=record
+        )
+        ys = torch.stack(outs)
+        ctx.solve, ctx.record = solve, record
+        ctx.save_for_backward(ys)
+        return ys
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_ys: Tensor):
+        solve: AdjointSolve = ctx.solve
+        (ys,) = ctx.saved_tensors
+        if ctx.record is not None:
+            grad_y0, grad_params, counts = _checkpoint_backward(solve, ctx.record, grad_ys)
+        else:
+            grad_y0, grad_params, counts = _backsolve_backward(solve, ys, grad_ys)
+        grad_t = None
+        if ctx.needs_input_grad[1]:
+            grad_t, nfe = time_gradient(solve.problem, ys, grad_ys, grad_y0)
+            counts.nfe += nfe
+        solve.on_backward(counts)
+        return (None, grad_t, grad_y0, *grad_params)
+
+
+def _vjp_filler(params: tuple[Tensor, ...]) -> Callable[[tuple], list[Tensor]]:
+    """Replaces the ``None`` gradients of unused parameters by zeros (allocated once)."""
+    zeros = [torch.zeros_like(p) for p in params]
+
+    def fill(grads) -> list[Tensor]:
+        return [z if g is None else g for g, z in zip(grads, zeros)]
+
+    return fill
+
+
+def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
+    """``a_n = (d y_{n+1} / d y_n)^T a_{n+1}`` over the recorded steps, last to first.
+
+    An output read inside step ``n`` by dense output adds its own vector-Jacobian product;
+    one at a step's end point joins ``a`` before that step is replayed.
+    """
+    params = solve.params
+    fill = _vjp_filler(params)
+    counts = Counts()
+
+    def rhs(t: float, y: Tensor) -> Tensor:
+        counts.nfe += 1
+        return solve.problem.rhs(t, y)
+
+    by_step: dict[int, list[tuple[int, float | None]]] = defaultdict(list)
+    for i, (n, theta) in enumerate(record.outputs):
+        by_step[n].append((i, theta))
+
+    a = torch.zeros_like(grad_ys[0])
+    grad_params = [torch.zeros_like(p) for p in params]
+    for n in range(len(record.steps) - 1, -1, -1):
+        interior = []
+        for i, theta in by_step.get(n, ()):
+            if theta is None:
+                a = a + grad_ys[i]
+            else:
+                interior.append((i, theta))
+        grads = _replay_step(
+            solve, rhs, record.steps[n], a, [(grad_ys[i], th) for i, th in interior]
+        )
+        a = grads[0] if grads[0] is not None else torch.zeros_like(a)
+        for acc, g in zip(grad_params, fill(grads[1:])):
+            acc.add_(g)
+        counts.n_accepted += 1
+    for i, _ in by_step.get(-1, ()):
+        a = a + grad_ys[i]
+    return a, grad_params, counts
+
+
+def _replay_step(solve: AdjointSolve, rhs, step, a: Tensor, interior: list[tuple[Tensor, float]]):
+    """Recompute step ``(t, h, y)`` under autograd; the VJPs of its outputs w.r.t. ``y``, params.
+
+    ``a`` is the cotangent of the step's end point, ``interior`` the cotangents of the outputs
+    read inside the step at ``t + theta h``.
+    """
+    t, h, y = step
+    tab = solve.config.tableau
+    with torch.enable_grad():
+        yv = y.detach().requires_grad_(True)
+        # Without interior outputs an FSAL tableau's last stage, f(t + h, y1), is not needed.
+        y1, ks = rk_step(rhs, tab, t, yv, rhs(t, yv), h, last_stage=bool(interior))
+        outputs, cotangents = [y1], [a]
+        if interior:
+            stages = ks if tab.fsal else ks + [rhs(t + h, y1)]
+            for cotangent, theta in interior:
+                outputs.append(dense_output(tab, yv, stages, h, theta))
+                cotangents.append(cotangent)
+        return torch.autograd.grad(outputs, (yv, *solve.params), cotangents, allow_unused=True)
+
+
+def _backsolve_backward(solve: AdjointSolve, ys: Tensor, grad_ys: Tensor):
+    """Integrate ``[y, a, g]`` backwards over each interval of ``t``, restarting ``y`` there."""
+    problem, params = solve.problem, solve.params
+    shape = ys.shape[1:]
+    n = ys[0].numel()
+    fill = _vjp_filler(params)
+    sizes = [p.numel() for p in params]
+
+    def aug_rhs(t: float, z: Tensor) -> Tensor:
+        with torch.enable_grad():
+            y = z[:n].detach().view(shape).requires_grad_(True)
+            fy = problem.rhs(t, y)
+            cotangent = -z[n : 2 * n].view(shape)
+            grads = torch.autograd.grad(fy, (y, *params), cotangent, allow_unused=True)
+        vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(y)
+        return torch.cat(
+            [fy.detach().reshape(-1), vjp_y.reshape(-1), *(g.reshape(-1) for g in fill(grads[1:]))]
+        )
+
+    total = Counts()
+    a = grad_ys[-1]
+    g = ys.new_zeros(sum(sizes))
+    ts = problem.ts
+    h = None
+    for i in range(len(ts) - 1, 0, -1):
+        z0 = torch.cat([ys[i].reshape(-1), a.reshape(-1), g])
+        config = replace(solve.backward_config, first_step=h)  # go on where the last one ended
+        outs, counts = integrate(aug_rhs, z0, [ts[i], ts[i - 1]], config)
+        h = counts.step_size
+        z1 = outs[-1]
+        a = z1[n : 2 * n].view(shape) + grad_ys[i - 1]
+        g = z1[2 * n :]
+        total.nfe += counts.nfe
+        total.n_accepted += counts.n_accepted
+        total.n_rejected += counts.n_rejected
+    if len(ts) == 1:
+        a = grad_ys[0]
+    grad_params = [part.view_as(p) for part, p in zip(g.split(sizes), params)]
+    return a, grad_params, total

@@ -1,0 +1,281 @@
+"""Step-size control: the solver's settings, the error norm, the first step and the controllers.
+
+A controller decides where the next step goes (:meth:`propose`) and whether a step just taken
+stands (:meth:`accept`). There are three:
+
+* :class:`PIController` for adaptive tableaus: steps sized from the embedded error estimate;
+* :class:`FixedSteps`: ``options["step_size"]``, the last step shortened to land on the end;
+* :class:`GridSteps`: fixed-step methods without a step size step from one output time to the
+  next.
+
+Times and step sizes are Python floats (double precision), so controlling the step costs one
+host synchronisation per step (reading the error norm) and nothing else. The error estimate
+and its norm run under ``no_grad``: they steer the step size only, and step sizes are
+constants to autograd (gradients are those of the discrete solution for the steps taken).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._errors import SolverError
+from .tableaus import ButcherTableau
+
+__all__ = [
+    "Config",
+    "FixedSteps",
+    "GridSteps",
+    "PIController",
+    "check_step",
+    "make_controller",
+    "rms_norm",
+]
+
+Rhs = Callable[[float, Tensor], Tensor]
+
+# A step that ends within this fraction of a step before the final time ends on it instead, so
+# rounding in the accumulated time never leaves a sliver of a step to take.
+_LANDING_SLACK = 1e-9
+
+
+@dataclass(frozen=True)
+class Config:
+    """Validated solver settings (built by :func:`cnf.ode._problem.make_config`).
+
+    ``atol`` and ``rtol`` are tensors of shape ``(N,)`` (one entry per state element, so that
+    tuple states can carry per-state tolerances). ``norm_sizes`` splits a flat state into
+    consecutive sections (the tensors of a tuple state; ``y``, ``a`` of the adjoint): the error
+    norm is the largest of the sections' RMS norms, so a small, tightly controlled section is
+    not averaged away by a large one, and entries past the last section are left out of the
+    norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state.
+    """
+
+    tableau: ButcherTableau
+    atol: Tensor
+    rtol: Tensor
+    step_size: float | None = None
+    first_step: float | None = None
+    max_num_steps: int = 10_000
+    min_step: float = 0.0
+    max_step: float = math.inf
+    safety: float = 0.9
+    ifactor: float = 10.0
+    dfactor: float = 0.2
+    pcoeff: float = 0.2
+    icoeff: float = 0.65
+    norm_sizes: tuple[int, ...] | None = None
+    time_eps: float = 2.0**-52
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tableau.adaptive and self.step_size is None
+
+    @property
+    def norm_size(self) -> int | None:
+        """How many leading entries of the state the error norm reads (None: all)."""
+        return None if self.norm_sizes is None else sum(self.norm_sizes)
+
+
+def rms_norm(cfg: Config, x: Tensor) -> float:
+    """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state."""
+    if cfg.norm_sizes is None or len(cfg.norm_sizes) == 1:
+        return torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())
+    norms = torch.stack([torch.linalg.vector_norm(part) for part in x.split(cfg.norm_sizes)])
+    return max(v / math.sqrt(size) for v, size in zip(norms.tolist(), cfg.norm_sizes) if size > 0)
+
+
+def _error_ratio(
+    cfg: Config, ks: list[Tensor], y_abs: Tensor, y1: Tensor, h: float
+) -> tuple[float, Tensor]:
+    """Mixed RMS norm of the local error estimate relative to ``atol + rtol * max(|y0|, |y1|)``.
+
+    The estimate is ``err = h sum_i e_i k_i``. Returns the ratio (``<= 1`` accepts the step;
+    NaN or inf when the step produced non-finite values) and ``|y1|``, which the next step
+    reuses as its ``|y0|``.
+    """
+    with torch.no_grad():
+        n = cfg.norm_size
+        err = None
+        for k, e in zip(ks, cfg.tableau.b_err):
+            if e != 0.0:
+                kk = k if n is None else k[:n]
+                err = kk * e if err is None else torch.add(err, kk, alpha=e)
+        y1_abs = (y1 if n is None else y1[:n]).abs()
+        scale = torch.addcmul(cfg.atol, cfg.rtol, torch.maximum(y_abs, y1_abs))
+        ratio = rms_norm(cfg, err.div_(scale))
+    return abs(h) * ratio, y1_abs
+
+
+def _initial_step(
+    f: Rhs, cfg: Config, t0: float, y0: Tensor, f0: Tensor, direction: float, span: float
+) -> float:
+    """Hairer, Norsett & Wanner (1993), Solving ODEs I, section II.4: an automatic first step.
+
+    Costs one extra evaluation of ``f``.
+    """
+    with torch.no_grad():
+        n = cfg.norm_size
+        y, fy = (y0, f0) if n is None else (y0[:n], f0[:n])
+        scale = torch.addcmul(cfg.atol, cfg.rtol, y.abs())
+        d0 = rms_norm(cfg, y / scale)
+        d1 = rms_norm(cfg, fy / scale)
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
+        h0 = min(h0, span)
+        f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
+        f1 = f1 if n is None else f1[:n]
+        d2 = rms_norm(cfg, (f1 - fy) / scale) / h0
+    dmax = max(d1, d2)
+    if not math.isfinite(dmax):
+        h1 = h0 * 1e-3
+    elif dmax <= 1e-15:
+        h1 = max(1e-6, h0 * 1e-3)
+    else:
+        h1 = (0.01 / dmax) ** (1.0 / (cfg.tableau.order))
+    return min(100 * h0, h1, span)
+
+
+def _toward(t: float, h: float, t_end: float, direction: float) -> tuple[float, float]:
+    """The step of signed size ``h`` from ``t``, or the rest of the way if that nearly ends."""
+    if direction * (t + h - t_end) >= -_LANDING_SLACK * abs(h):
+        return t_end - t, t_end
+    return h, t + h
+
+
+def check_step(cfg: Config, t: float, h: float, t_next: float) -> None:
+    """Refuse a step too small for the time's precision to tell ``t`` and ``t + h`` apart."""
+    if abs(h) <= cfg.time_eps * max(abs(t), abs(t_next)) * 4 or t_next == t:
+        raise SolverError(
+            f"step size underflow at t={t:.17g} (h={h:.3g}): the solution may blow up "
+            "near this time or the problem is too stiff for an explicit method; check the "
+            "vector field, shorten the time span or loosen rtol/atol",
+            t=t,
+            step_size=h,
+        )
+
+
+class PIController:
+    r"""Adaptive steps from the embedded error estimate (Hairer & Wanner, Solving ODEs II, IV.2).
+
+    With ``r_n`` the error ratio of step ``n`` (:func:`_error_ratio`) and ``q`` the order,
+
+    .. math::
+        h_{n+1} = h_n \cdot \mathrm{clip}\big(
+            s\, r_n^{-(\beta_P + \beta_I)/q}\, r_{n-1}^{\beta_P/q},\ d,\ i\big)
+
+    with ``s, beta_P, beta_I, d, i`` the options ``safety, pcoeff, icoeff, dfactor, ifactor``;
+    a rejected step only shrinks, and steps stay within ``[min_step, max_step]``.
+    """
+
+    def __init__(
+        self, cfg: Config, f: Rhs, t0: float, y0: Tensor, k0: Tensor, t_end: float
+    ) -> None:
+        self.cfg, self.t_end = cfg, t_end
+        self.direction = 1.0 if t_end > t0 else -1.0
+        h = cfg.first_step
+        if h is None:
+            h = _initial_step(f, cfg, t0, y0, k0, self.direction, abs(t_end - t0))
+        self.h = min(max(h, cfg.min_step), cfg.max_step)
+        exponent = 1.0 / cfg.tableau.order
+        self.beta1 = (cfg.pcoeff + cfg.icoeff) * exponent
+        self.beta2 = cfg.pcoeff * exponent
+        self.prev_ratio = 1.0
+        n = cfg.norm_size
+        with torch.no_grad():
+            self.y_abs = (y0 if n is None else y0[:n]).abs()
+
+    @property
+    def step_size(self) -> float:
+        """The size of the step the controller would take next."""
+        return abs(self.h)
+
+    def propose(self, t: float, t_out: float) -> tuple[float, float]:
+        """The next step from ``t``: ``(h, t + h)``; output times do not shorten it."""
+        return _toward(t, self.direction * abs(self.h), self.t_end, self.direction)
+
+    def accept(self, ks: list[Tensor], y1: Tensor, h: float, t: float) -> bool:
+        """Judge the step ``t -> t + h`` with stages ``ks`` and size the next one."""
+        cfg = self.cfg
+        ratio, y1_abs = _error_ratio(cfg, ks, self.y_abs, y1, h)
+        accepted = ratio <= 1.0
+        if not math.isfinite(ratio):
+            factor = cfg.dfactor
+        elif ratio == 0.0:
+            factor = cfg.ifactor
+        else:
+            factor = cfg.safety * ratio**-self.beta1 * self.prev_ratio**self.beta2
+            factor = min(cfg.ifactor, max(cfg.dfactor, factor))
+        if not accepted:
+            factor = min(factor, 1.0)
+        h_new = min(abs(h) * factor, cfg.max_step)
+        if not accepted:
+            if h_new < cfg.min_step:
+                raise SolverError(
+                    f"step size {h_new:.3g} at t={t:.17g} fell below min_step="
+                    f"{cfg.min_step:g} (error ratio {ratio:.3g}); loosen rtol/atol or lower "
+                    "options['min_step']",
+                    t=t,
+                    step_size=h_new,
+                )
+            self.h = h_new
+            return False
+        self.prev_ratio = max(ratio, 1e-4)  # a tiny ratio would make the next step explode
+        self.h = max(h_new, cfg.min_step)
+        self.y_abs = y1_abs
+        return True
+
+
+class FixedSteps:
+    """Steps of ``options["step_size"]``; the last one shortened to land on the final time."""
+
+    def __init__(self, cfg: Config, t0: float, t_end: float) -> None:
+        h, span = cfg.step_size, abs(t_end - t0)
+        # Refuse up front rather than after max_num_steps steps of work.
+        if math.ceil(span / h * (1 - 1e-12)) > cfg.max_num_steps:
+            raise SolverError(
+                f"step_size={h:g} over [{t0:g}, {t_end:g}] needs more than max_num_steps="
+                f"{cfg.max_num_steps} steps; increase step_size or options['max_num_steps']",
+                t=t0,
+                step_size=h,
+            )
+        self.t_end = t_end
+        self.direction = 1.0 if t_end > t0 else -1.0
+        self.h = self.direction * h
+        self.step_size = h
+
+    def propose(self, t: float, t_out: float) -> tuple[float, float]:
+        h, t_next = _toward(t, self.h, self.t_end, self.direction)
+        self.step_size = abs(h)
+        return h, t_next
+
+    def accept(self, ks: list[Tensor], y1: Tensor, h: float, t: float) -> bool:
+        return True
+
+
+class GridSteps:
+    """Fixed-step methods without a step size: one step from each output time to the next."""
+
+    def __init__(self, t0: float, t_end: float) -> None:
+        self.step_size = abs(t_end - t0)
+
+    def propose(self, t: float, t_out: float) -> tuple[float, float]:
+        self.step_size = abs(t_out - t)
+        return t_out - t, t_out
+
+    def accept(self, ks: list[Tensor], y1: Tensor, h: float, t: float) -> bool:
+        return True
+
+
+def make_controller(
+    cfg: Config, f: Rhs, t0: float, y0: Tensor, k0: Tensor, t_end: float
+) -> PIController | FixedSteps | GridSteps:
+    """The controller ``cfg`` asks for; ``k0 = f(t0, y0)`` seeds the first-step estimate."""
+    if cfg.adaptive:
+        return PIController(cfg, f, t0, y0, k0, t_end)
+    if cfg.step_size is not None:
+        return FixedSteps(cfg, t0, t_end)
+    return GridSteps(t0, t_end)

@@ -1,0 +1,115 @@
+"""The integration loop: steps from a controller, outputs read off the accepted steps.
+
+:func:`integrate` ties the pieces together: :mod:`cnf.ode._control` proposes and judges the
+steps, :func:`cnf.ode._rk.rk_step` takes them, :mod:`cnf.ode._output` reads off the solution at
+the requested times (and records the steps for the checkpoint adjoint).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from ._control import Config, check_step, make_controller
+from ._errors import SolverError
+from ._output import Outputs, Record, RecordedOutputs
+from ._rk import rk_step
+
+__all__ = ["Counts", "integrate"]
+
+
+@dataclass
+class Counts:
+    """Evaluations and steps of one solve, and the step size it would take next."""
+
+    nfe: int = 0
+    n_accepted: int = 0
+    n_rejected: int = 0
+    step_size: float = math.nan
+
+
+def integrate(
+    f: Callable[[float, Tensor], Tensor],
+    y0: Tensor,
+    ts: list[float],
+    cfg: Config,
+    *,
+    record: Record | None = None,
+) -> tuple[list[Tensor], Counts]:
+    """Solve ``dy/dt = f(t, y)``, ``y(ts[0]) = y0`` and return ``y`` at every time in ``ts``.
+
+    Args:
+        f: ``f(t, y) -> dy/dt`` on states shaped like ``y0``.
+        y0: the initial state, any shape.
+        ts: output times, strictly monotonic (increasing or decreasing).
+        cfg: the method, tolerances and options.
+        record: filled in with the accepted steps, for the checkpoint adjoint.
+
+    Returns:
+        ``[y(ts[0]), y(ts[1]), ...]`` each shaped like ``y0``, and the counts.
+
+    Raises:
+        SolverError: the step size fell below ``min_step`` or below what the time's precision
+            can resolve, more than ``max_num_steps`` steps were needed, or a fixed-step solve
+            produced non-finite values.
+    """
+    counts = Counts()
+    tab = cfg.tableau
+    out = Outputs(tab, ts, y0) if record is None else RecordedOutputs(tab, ts, y0, record)
+    if out.done:
+        return out.ys, counts
+
+    def rhs(t: float, y: Tensor) -> Tensor:
+        counts.nfe += 1
+        return f(t, y)
+
+    t, y = ts[0], y0
+    k0 = rhs(t, y)
+    control = make_controller(cfg, rhs, t, y, k0, ts[-1])
+    while not out.done:
+        h, t_next = control.propose(t, out.next_time)
+        check_step(cfg, t, h, t_next)
+        y1, ks = rk_step(rhs, tab, t, y, k0, h)
+        if not control.accept(ks, y1, h, t):
+            counts.n_rejected += 1
+            continue
+        counts.n_accepted += 1
+        if counts.n_accepted > cfg.max_num_steps:
+            raise _too_many_steps(cfg, t, h, ts[-1])
+        k_end = out.emit(rhs, t, y, h, t_next, y1, ks)
+        t, y = t_next, y1
+        if not out.done:
+            k0 = k_end if k_end is not None else rhs(t, y)
+    counts.step_size = control.step_size
+    # Adaptive steps reject non-finite error estimates; this also catches fixed steps that
+    # overflowed (and the exotic adaptive case of a finite estimate with an overflowing sum).
+    if not bool(torch.isfinite(out.ys[-1]).all()):
+        raise _not_finite(cfg, ts[-1], h)
+    return out.ys, counts
+
+
+def _too_many_steps(cfg: Config, t: float, h: float, t_end: float) -> SolverError:
+    return SolverError(
+        f"more than max_num_steps={cfg.max_num_steps} steps before reaching "
+        f"t={t_end:g} (at t={t:.17g}, h={h:.3g}); raise options['max_num_steps'], "
+        "loosen rtol/atol, or check the vector field for stiffness",
+        t=t,
+        step_size=h,
+    )
+
+
+def _not_finite(cfg: Config, t_end: float, h: float) -> SolverError:
+    advice = (
+        "check the vector field for a finite-time blow-up"
+        if cfg.adaptive
+        else "reduce the step size or use an adaptive method"
+    )
+    return SolverError(
+        f"the solution is not finite at t={t_end:g} (last step {abs(h):.3g}); {advice}",
+        t=t_end,
+        step_size=h,
+    )
