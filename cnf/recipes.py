@@ -16,7 +16,8 @@ during training without changing what it learns, and its checkpoint settings.)
 The table, :data:`RECIPES`, maps ``(data, architecture)`` to a frozen :class:`Recipe`; the first
 architecture listed for a data set is its default. Adding a data set is one entry plus, for a new
 kind of data, a loader: a function ``loader(recipe, root, split_seed)`` that returns an object
-with the methods of :class:`FreshDraws` (``sampler``, ``part``, ``sizes``, ``entropy``).
+with the members of :class:`FreshDraws` and :class:`ImageSplits` (``sampler``, ``part``,
+``describe``, ``entropy``).
 
 A checkpoint written by ``cnf train`` stores its :class:`Record` (recipe, split seed, data
 folder), from which ``cnf eval`` and ``cnf plot`` rebuild the same split.
@@ -27,12 +28,15 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .data import NAMES as TOY_NAMES
+
+if TYPE_CHECKING:
+    from .training import Sampler
 
 __all__ = [
     "RECIPES",
@@ -46,8 +50,6 @@ __all__ = [
     "get",
     "names",
 ]
-
-Sampler = Callable[[int, torch.Generator], Tensor]
 
 KINDS = ("toy2d", "image")  # the model kinds cnf.models.build knows
 
@@ -187,7 +189,9 @@ class Recipe:
             )
         return {**self.training, **{k: v for k, v in overrides.items() if v is not None}}
 
-    def load(self, root: str | None = None, split_seed: int | None = None):
+    def load(
+        self, root: str | None = None, split_seed: int | None = None
+    ) -> FreshDraws | ImageSplits:
         """The data, split as :attr:`split` says (``split_seed`` replaces its seed); ``root``:
         the folder of data sets read from files. Returns a :class:`FreshDraws` or
         :class:`ImageSplits`."""
@@ -195,7 +199,7 @@ class Recipe:
 
     def score(
         self,
-        model,
+        model: nn.Module,
         data: Tensor,
         *,
         tol: float | None = None,
@@ -230,7 +234,7 @@ class Recipe:
         the policy says so; they need ``checkpoint_dir`` then."""
         tol = self.tol if tol is None else tol
 
-        def score(model) -> float:
+        def score(model: nn.Module) -> float:
             return self.score(model, val, tol=tol, draws=draws)
 
         return {"eval_fn": score, "keep_best": self.evaluation.keep_best}
@@ -400,18 +404,7 @@ _TOY_TRAINING = _frozen(
 # FFJORD's toy one (cnf.models.TOY_DEFAULTS: ConcatSquash 64-64-64, tanh, learned T from 0.5),
 # trained with the exact trace at rtol = atol = 1e-4 and tested at 1e-7.
 
-_IMAGE_TRAINING = _frozen(
-    iters=1000,
-    batch_size=64,
-    lr=1e-3,
-    weight_decay=0.0,
-    schedule="cosine",
-    clip_grad=None,
-    kinetic=0.0,
-    jacobian=0.0,
-    ema=0.995,
-    eval_every=250,
-)
+_IMAGE_TRAINING = _frozen(_TOY_TRAINING, batch_size=64, lr=1e-3, eval_every=250)
 # MNIST and CIFAR-10: FFJORD's multiscale models (cnf.multiscale), Hutchinson's trace at 1e-5,
 # validated every 250 iterations on 2 dequantization draws, the best point kept as best.pt.
 
