@@ -99,6 +99,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
     record = recipe.record(root=args.root, split_seed=args.split_seed)
+    if args.resume:
+        _check_resume(out / "last.pt", record)
     data = record.load()
     tol = recipe.tol if args.tol is None else args.tol
     val = data.part("val", seed=args.seed + 1, n=args.eval_n)
@@ -125,6 +127,23 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not args.no_plot:
         _write_pictures(kept, out, device, n=args.plot_n, gif=not args.no_gif)
     return 0
+
+
+def _check_resume(last: Path, record) -> None:
+    """Refuse to continue a run on other data than it started with."""
+    from .recipes import Record
+    from .training import load_checkpoint
+
+    if not last.is_file():
+        return  # nothing to resume: a fresh run
+    before = Record.from_checkpoint(load_checkpoint(last), source=str(last))
+    keys = ("name", "architecture", "split_seed")
+    if any(getattr(before, key) != getattr(record, key) for key in keys):
+        raise ValueError(
+            f"{last} was trained on {before.name} ({before.architecture}, split seed "
+            f"{before.split_seed}); resume it with the same --data, --architecture and "
+            "--split-seed, or write to another --out"
+        )
 
 
 def _report_training(recipe, data, history, seconds, out, device, tol, draws) -> Path:

@@ -134,6 +134,16 @@ def test_train_resume_extends_a_finished_run(tmp_path):
     assert json.loads((short / "history.json").read_text())["iteration"] == [1, 2, 3, 4, 5, 6]
 
 
+def test_resume_on_other_data_is_an_error_message(run, tmp_path, capsys):
+    _, out = run
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "last.pt").write_bytes((out / "last.pt").read_bytes())
+    argv = _train_args(folder, "--no-plot", "--resume")
+    assert main([*argv, "--data", "moons"]) == 2
+    assert "was trained on 8gaussians (mlp, split seed None)" in capsys.readouterr().err
+
+
 # --- eval, sample, plot ------------------------------------------------------------------------
 
 
