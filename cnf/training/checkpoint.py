@@ -258,37 +258,44 @@ def restore_training(
 
 
 def build_from_state(
-    state: Mapping[str, Any], *, weights: str = "ema", source: str = "checkpoint"
+    state: Mapping[str, Any],
+    *,
+    weights: str = "ema",
+    source: str = "checkpoint",
+    model: nn.Module | None = None,
 ) -> Flow:
     """A ready model from a checkpoint's contents: :func:`load` without the file.
 
     Args:
-        state: from :func:`load_checkpoint`; it needs ``"spec"`` (a :mod:`cnf.models` spec).
+        state: from :func:`load_checkpoint`; it needs ``"spec"`` (a :mod:`cnf.models` spec)
+            unless ``model`` is given.
         weights: ``"ema"`` (default): the averaged weights if the checkpoint has them, else
             the trained ones; ``"raw"``: the trained weights, never the average.
         source: how to name the checkpoint in messages.
+        model: a freshly built model to load the weights into (for models built in Python,
+            which have no spec); None: build it from the spec.
 
     Returns:
-        The model, built by :func:`cnf.models.build`, in eval mode, on the CPU.
+        The model, built by :func:`cnf.models.build` (or ``model``), in eval mode.
     """
     # imported here: cnf.models may come to import cnf.training (recipes), not the reverse
     from cnf.models import build
 
     if weights not in WEIGHTS:
         raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-    if "spec" not in state:
+    if model is None and "spec" not in state:
         raise CheckpointError(
-            f"{source} has no model spec; write it with `cnf train`, or with "
-            "fit(..., extra_state={'spec': spec}) for a spec from cnf.models"
+            f"{source} has no model spec; pass the model to load it into (load(path, "
+            "model=...)), or write it with fit(..., extra_state={'spec': spec})"
         )
-    model = build(state["spec"])
+    model = build(state["spec"]) if model is None else model
     state = upgrade(state, model, source)
     chosen = "ema" if weights == "ema" and "ema" in state else "model"
     load_weights(model, state[chosen], source)
     return model.eval()
 
 
-def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None) -> Flow:
+def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None, model=None) -> Flow:
     """Rebuild a trained model from a checkpoint of :func:`cnf.training.fit` or ``cnf train``.
 
     By default the model gets the exponential moving average of the weights when the run kept
@@ -300,6 +307,8 @@ def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None) ->
         weights: ``"ema"`` (default) or ``"raw"``, as above.
         map_location: where to put the model: a device or its name (default: the CPU); other
             ``torch.load`` locations apply to the tensors read only.
+        model: load into this freshly built model instead of building one from the spec
+            (for a model put together in Python).
 
     Returns:
         The model (a :class:`cnf.Flow`), in eval mode.
@@ -313,7 +322,7 @@ def load(path: str | os.PathLike, *, weights: str = "ema", map_location=None) ->
         >>> x = flow.sample(1000)  # doctest: +SKIP
     """
     state = load_checkpoint(path, map_location=map_location)
-    model = build_from_state(state, weights=weights, source=str(path))
+    model = build_from_state(state, weights=weights, source=str(path), model=model)
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model
