@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .continuous import CNFTransform
 from .settings import Call, SolverSettings, check_choice
-from .transforms.core import Compose, FlowOutput, Transform, check_points
+from .transforms.core import Compose, FlowOutput, Transform, check_points, first_tensor
 
 __all__ = ["CNF", "Flow", "FlowOutput", "SequentialFlow", "StandardNormal"]
 
@@ -210,11 +210,7 @@ class Flow(nn.Module):
 
     def reference(self) -> Tensor | None:
         """A parameter or buffer (its dtype and device are the flow's), or None."""
-        for tensor in self.parameters():
-            return tensor
-        for tensor in self.buffers():
-            return tensor
-        return None
+        return first_tensor(self)
 
     def _sample(self, n, call: Call) -> tuple[Tensor, Tensor | None]:
         shape = _sample_shape(n)
@@ -295,12 +291,12 @@ class CNF(Flow):
         field: ``field(t, z) -> dz/dt`` for ``z`` of shape ``(batch, *event_shape)``, an
             ``nn.Module`` (e.g. :class:`cnf.fields.ConcatSquashMLP`).
         event_shape: shape of one data point, e.g. ``(2,)`` or ``(1, 28, 28)``.
-        T: integration time.
-        train_T: learn ``T`` (parametrised as ``T = T0 s^2`` to stay positive).
-        trace, noise, probes, method, rtol, atol, logp_rtol, logp_atol, adjoint,
-            adjoint_options: the block's :class:`~cnf.settings.SolverSettings` (``adjoint``
-            True means the checkpoint adjoint; see :func:`cnf.ode.solve`).
         base: base distribution with ``event_shape``; default :class:`StandardNormal`.
+        **block: the block's ``T`` (integration time, default 1), ``train_T`` (learn it as
+            ``T = T0 s^2``, positive) and its solver settings, given as ``settings=`` (a
+            :class:`~cnf.settings.SolverSettings`) or as its fields (``trace``, ``noise``,
+            ``probes``, ``method``, ``rtol``, ``atol``, ``logp_rtol``, ``logp_atol``,
+            ``adjoint``, ``adjoint_options``, ``options``); see :class:`CNFTransform`.
 
     Example:
         >>> from cnf.fields import ConcatSquashMLP
@@ -309,18 +305,8 @@ class CNF(Flow):
         torch.Size([5])
     """
 
-    def __init__(
-        self,
-        field: nn.Module,
-        event_shape: Sequence[int],
-        *,
-        T: float = 1.0,
-        train_T: bool = False,
-        base=None,
-        **settings,
-    ):
-        block = CNFTransform(field, event_shape, T=T, train_T=train_T, **settings)
-        super().__init__(block, base)
+    def __init__(self, field: nn.Module, event_shape: Sequence[int], *, base=None, **block):
+        super().__init__(CNFTransform(field, event_shape, **block), base)
 
     @property
     def field(self) -> nn.Module:

@@ -268,6 +268,19 @@ def digits_model(**kw) -> MultiscaleCNF:
     return MultiscaleCNF(**{**args, **kw})
 
 
+def _ffjord_model(shape: tuple[int, int, int], alpha: float, kw: dict) -> MultiscaleCNF:
+    """FFJORD's image setting on ``shape`` with logit ``alpha``; ``kw`` overrides any argument."""
+    args = dict(
+        event_shape=shape,
+        scales=None,
+        blocks_per_scale=2,
+        hidden_channels=(64, 64, 64),
+        activation="softplus",
+        alpha=alpha,
+    )
+    return MultiscaleCNF(**{**args, **kw})
+
+
 def mnist_model(**kw) -> MultiscaleCNF:
     """FFJORD's MNIST model, ``(1, 28, 28)``.
 
@@ -278,15 +291,7 @@ def mnist_model(**kw) -> MultiscaleCNF:
     ``rtol = atol = 1e-5``, adjoint gradients. ``kw`` overrides any :class:`MultiscaleCNF`
     argument.
     """
-    args = dict(
-        event_shape=(1, 28, 28),
-        scales=None,
-        blocks_per_scale=2,
-        hidden_channels=(64, 64, 64),
-        activation="softplus",
-        alpha=1e-6,
-    )
-    return MultiscaleCNF(**{**args, **kw})
+    return _ffjord_model((1, 28, 28), 1e-6, kw)
 
 
 def cifar10_model(**kw) -> MultiscaleCNF:
@@ -295,12 +300,4 @@ def cifar10_model(**kw) -> MultiscaleCNF:
     As :func:`mnist_model` with 4 scales (32, 16, 8, 4; 14 CNF blocks) and logit
     ``alpha = 0.05``. ``kw`` overrides any :class:`MultiscaleCNF` argument.
     """
-    args = dict(
-        event_shape=(3, 32, 32),
-        scales=None,
-        blocks_per_scale=2,
-        hidden_channels=(64, 64, 64),
-        activation="softplus",
-        alpha=0.05,
-    )
-    return MultiscaleCNF(**{**args, **kw})
+    return _ffjord_model((3, 32, 32), 0.05, kw)

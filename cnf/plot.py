@@ -690,7 +690,7 @@ def plot_curves(history: Mapping[str, Sequence[float]]) -> Figure:
     """Training curves: loss (and test NLL) and function evaluations against iterations.
 
     Args:
-        history: a mapping of equal-length sequences, e.g. from :func:`cnf.train.fit`:
+        history: a mapping of equal-length sequences, e.g. from :func:`cnf.training.fit`:
 
             * ``"iteration"``, ``"loss"`` (required);
             * ``"nfe_forward"``, ``"nfe_backward"``: function evaluations per iteration of the

@@ -58,7 +58,7 @@ def sample_tensor(
 
 
 def toy_sampler(name: str) -> Callable[[int, torch.Generator], torch.Tensor]:
-    """A sampler of fresh batches for :func:`cnf.train.fit`: ``sampler(n, generator)``.
+    """A sampler of fresh batches for :func:`cnf.training.fit`: ``sampler(n, generator)``.
 
     Each call draws ``n`` new points of the toy data set ``name`` (float64 numpy draws seeded
     from ``generator``, returned as a float64 tensor; ``fit`` moves them to the model).

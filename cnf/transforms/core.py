@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from ..ode import SolverStats
 from ..settings import Call
 
-__all__ = ["Compose", "FlowOutput", "Reshape", "Transform", "check_points"]
+__all__ = ["Compose", "FlowOutput", "Reshape", "Transform", "check_points", "first_tensor"]
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -109,6 +109,12 @@ def check_points(x, shape: torch.Size, name: str, like: Tensor | None = None) ->
     return x
 
 
+def first_tensor(module: nn.Module) -> Tensor | None:
+    """The first parameter, else the first buffer, of ``module``: its dtype and device."""
+    tensor = next(module.parameters(), None)
+    return tensor if tensor is not None else next(module.buffers(), None)
+
+
 class Transform(nn.Module):
     """An invertible map from ``(batch, *in_shape)`` to ``(batch, *out_shape)`` (see the module).
 
@@ -140,11 +146,7 @@ class Transform(nn.Module):
 
     def reference(self) -> Tensor | None:
         """A parameter or buffer (its dtype and device are the transform's), or None."""
-        for tensor in self.parameters():
-            return tensor
-        for tensor in self.buffers():
-            return tensor
-        return None
+        return first_tensor(self)
 
     def forward_and_logdet(self, x: Tensor, call: Call) -> FlowOutput:
         raise NotImplementedError
