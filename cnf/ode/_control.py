@@ -159,7 +159,7 @@ def check_step(cfg: Config, t: float, h: float, t_next: float) -> None:
 
 
 class PIController:
-    r"""Adaptive steps from the embedded error estimate (Hairer & Wanner, Solving ODEs II, IV.2).
+    r"""Adaptive steps from the embedded error estimate (Gustafsson, Lundh & Soderlind 1988).
 
     With ``r_n`` the error ratio of step ``n`` (:func:`_error_ratio`) and ``q`` the order,
 

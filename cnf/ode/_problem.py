@@ -1,10 +1,10 @@
 """Input validation and the single-tensor view of an ODE problem.
 
-The stepper works on one state tensor. :class:`Problem` checks the user's ``func``, ``y0``,
-``t``, tolerances and options once, up front, with errors that say what to do, and adapts
-``func(t: Tensor, y) -> dy/dt`` to ``rhs(t: float, y: Tensor) -> Tensor``. A single-tensor
-state keeps its shape (no reshapes per evaluation: for small states every tensor operation's
-overhead counts); a tuple state is concatenated into one flat vector.
+The integration loop works on one state tensor. :class:`Problem` checks the user's ``func``,
+``y0``, ``t``, tolerances and options once, up front, with errors that say what to do, and
+adapts ``func(t: Tensor, y) -> dy/dt`` to ``rhs(t: float, y: Tensor) -> Tensor``. A
+single-tensor state keeps its shape (no reshapes per evaluation: for small states every tensor
+operation's overhead counts); a tuple state is concatenated into one flat vector.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Ten
 
 
 class Problem:
-    """``func``, ``y0`` and ``t`` checked and packed into one state tensor for the stepper.
+    """``func``, ``y0`` and ``t`` checked and packed into one state tensor.
 
     Attributes:
         y0: the initial state: the user's tensor, or a tuple's tensors concatenated into shape
@@ -216,7 +216,6 @@ class Problem:
         self.rtol = tolerance_vector("rtol", rtol, self.sizes, self.is_tuple, self.y0)
         self.atol, self.rtol = self.atol.view_as(self.y0), self.rtol.view_as(self.y0)
         self.time_eps = torch.finfo(self.t_dtype).eps
-        self.func = func
         self.rhs = self._make_rhs(func)
 
     def config(self, method: str, options: dict | None) -> Config:
@@ -233,9 +232,6 @@ class Problem:
             part.reshape(ys.shape[0], *shape)
             for part, shape in zip(ys.split(self.sizes, dim=1), self.shapes)
         )
-
-    def time(self, t: float) -> Tensor:
-        return torch.full((), t, dtype=self.t_dtype, device=self.device)
 
     def _make_rhs(self, func: Callable) -> Callable[[float, Tensor], Tensor]:
         dtype, device, t_dtype = self.dtype, self.device, self.t_dtype
