@@ -140,6 +140,13 @@ class CNFTransform(Transform):
         """Shape of one point (the same on both sides)."""
         return self.in_shape
 
+    def extra_repr(self) -> str:
+        s, learned = self.settings, " (learned)" if self.T_scale is not None else ""
+        return (
+            f"event_shape={tuple(self.in_shape)}, T={self.T0:g}{learned}, method={s.method}, "
+            f"trace={s.trace}, rtol={s.rtol:g}, atol={s.atol:g}"
+        )
+
     @property
     def T(self) -> Tensor:
         """The integration time (a 0-dim tensor; differentiable when ``train_T``)."""
