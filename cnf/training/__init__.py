@@ -1,7 +1,8 @@
 """Training: objectives, the loop and its hooks, checkpoints, history and evaluation.
 
 * :class:`Objective`: ``objective(model, batch, generator) -> (loss, metrics)``; maximum
-  likelihood with the RNODE regularizers is :class:`MaximumLikelihood`.
+  likelihood with the RNODE regularizers is :class:`MaximumLikelihood`; regression on the
+  straight-path velocity is :class:`FlowMatching` (with :func:`ot_pairing` for OT couplings).
 * :func:`fit`: the loop (settings in :class:`FitConfig`), with hooks for the weight average,
   evaluation, checkpoints and progress (:mod:`cnf.training.hooks`).
 * :func:`save_checkpoint`, :func:`load_checkpoint`: the checkpoint files (format 2);
@@ -18,6 +19,7 @@ Example:
 
 from .checkpoint import CheckpointError, build_from_state, load, load_checkpoint, save_checkpoint
 from .evaluation import evaluate_bits_per_dim, evaluate_nll
+from .flow_matching import TIME_DISTRIBUTIONS, FlowMatching, ot_pairing
 from .history import History
 from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
 from .loop import FitConfig, Trainer, TrainingError, fit
@@ -26,10 +28,12 @@ from .sampling import Sampler, image_sampler
 
 __all__ = [
     "EMA",
+    "TIME_DISTRIBUTIONS",
     "CheckpointError",
     "Checkpointing",
     "Evaluation",
     "FitConfig",
+    "FlowMatching",
     "History",
     "Hook",
     "MaximumLikelihood",
@@ -46,5 +50,6 @@ __all__ = [
     "image_sampler",
     "load",
     "load_checkpoint",
+    "ot_pairing",
     "save_checkpoint",
 ]
