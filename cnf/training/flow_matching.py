@@ -27,7 +27,8 @@ data distribution; :math:`\log p` of the trained model is still the exact one of
 Example:
     >>> from cnf.training import FlowMatching, fit  # doctest: +SKIP
     >>> flow = CNF(ConcatSquashMLP(2), (2,), T=1.0, train_T=False)  # doctest: +SKIP
-    >>> fit(flow, toy_sampler("8gaussians"), iters=1000, objective=FlowMatching(coupling="ot"))
+    >>> objective = FlowMatching(coupling="ot")
+    >>> fit(flow, toy_sampler("8gaussians"), iters=1000, objective=objective)  # doctest: +SKIP
 """
 
 from __future__ import annotations
