@@ -10,6 +10,14 @@ map of the state whose output is gated and shifted by functions of time,
 so time conditions every layer without being concatenated to the input. Every layer and every
 activation owns its own parameters (no module instance is shared between layers).
 
+Time is one scalar for the whole batch (what an ODE solver passes), or one time per sample, a
+tensor of shape ``(batch,)`` (what flow matching passes: each point of the batch sits at its own
+time on its path); then every sample gets its own gates and shifts,
+:math:`\mathrm{out}_i = (W x_i + b) \odot \sigma(a\,t_i + c) + d\,t_i`. The networks say so
+with the class attribute ``per_sample_time = True``, which flow matching
+(:func:`cnf.training.flow_matching.field_velocity`) reads to call them once on the whole batch
+(a field without it is evaluated point by point).
+
 :class:`ConcatSquashMLP` also computes its exact divergence analytically
 (:meth:`ConcatSquashMLP.forward_with_divergence`), which :func:`cnf.trace.divergence_exact` uses
 in place of automatic differentiation.
@@ -48,9 +56,29 @@ def _time(t: Tensor | float, like: Tensor) -> Tensor:
     t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
     if t.numel() != 1:
         raise ValueError(
-            f"t must be a scalar time (a 0-dim tensor or a float), got shape {tuple(t.shape)}"
+            f"t must be a scalar time (a 0-dim tensor or a float), got shape {tuple(t.shape)}; "
+            "one time per sample is accepted by forward only"
         )
     return t.reshape(1, 1)
+
+
+def _times(t: Tensor | float, like: Tensor) -> Tensor:
+    """``t`` as a ``(1, 1)`` (one scalar time) or ``(batch, 1)`` column (a time per sample).
+
+    A scalar is a float or a tensor of one element; a time per sample is a 1-D tensor with one
+    entry per row of ``like`` (``like.shape[0]``). Cast to ``like``'s dtype and device.
+    """
+    t = torch.as_tensor(t, dtype=like.dtype, device=like.device)
+    if t.numel() == 1:
+        return t.reshape(1, 1)
+    if t.dim() != 1 or like.dim() < 2 or t.shape[0] != like.shape[0]:
+        batch = like.shape[0] if like.dim() >= 2 else "batch"
+        raise ValueError(
+            "t must be a scalar time (a 0-dim tensor or a float) or one time per sample of "
+            f"shape ({batch},), got shape {tuple(t.shape)} for a state of shape "
+            f"{tuple(like.shape)}"
+        )
+    return t[:, None]
 
 
 def _no_context(field: nn.Module, context: Tensor | None) -> None:
@@ -160,7 +188,11 @@ class ConcatSquashLinear(nn.Module):
         >>> layer = ConcatSquashLinear(2, 8)
         >>> layer(torch.tensor(0.5), torch.randn(16, 2)).shape
         torch.Size([16, 8])
+        >>> layer(torch.rand(16), torch.randn(16, 2)).shape  # a time per sample
+        torch.Size([16, 8])
     """
+
+    per_sample_time = True
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -169,24 +201,28 @@ class ConcatSquashLinear(nn.Module):
         self.hyper_bias = nn.Linear(1, out_features, bias=False)
 
     def gate(self, t: Tensor) -> Tensor:
-        r"""The gate :math:`\sigma(a\,t + c)`, shape ``(1, out_features)`` for t of shape (1, 1)."""
+        r"""The gate :math:`\sigma(a\,t + c)`: shape ``(n, out_features)`` for t of shape (n, 1)."""
         return torch.sigmoid(self.hyper_gate(t))
 
     def shift(self, t: Tensor) -> Tensor:
-        r"""The time bias :math:`d\,t`, shape ``(1, out_features)``, for ``t`` of shape (1, 1)."""
+        r"""The time bias :math:`d\,t`: shape ``(n, out_features)`` for ``t`` of shape (n, 1)."""
         return self.hyper_bias(t)
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
         """Apply the layer.
 
         Args:
-            t: scalar time (0-dim tensor or float; cast to ``x``'s dtype).
-            x: input of shape ``(..., in_features)``.
+            t: scalar time (0-dim tensor, float or one element), or one time per sample of
+                shape ``(batch,)``, sample ``i`` being ``x[i]``; cast to ``x``'s dtype.
+            x: input of shape ``(..., in_features)``; ``(batch, ..., in_features)`` for a time
+                per sample.
 
         Returns:
             shape ``(..., out_features)``.
         """
-        t = _time(t, x)
+        t = _times(t, x)
+        if t.shape[0] > 1 and x.dim() > 2:  # per-sample gates broadcast over the middle dims
+            t = t.reshape(-1, *([1] * (x.dim() - 1)))
         return self.linear(x) * self.gate(t) + self.shift(t)
 
     def _terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -237,7 +273,12 @@ class ConcatSquashMLP(nn.Module):
         >>> field = ConcatSquashMLP(2, hidden=(64, 64, 64), activation="tanh")
         >>> field(torch.tensor(0.0), torch.randn(128, 2)).shape
         torch.Size([128, 2])
+        >>> field(torch.rand(128), torch.randn(128, 2)).shape  # a time per sample
+        torch.Size([128, 2])
     """
+
+    per_sample_time = True
+    """:meth:`forward` takes one time per sample, ``t`` of shape ``(batch,)``."""
 
     def __init__(
         self,
@@ -266,7 +307,8 @@ class ConcatSquashMLP(nn.Module):
         """Evaluate ``dz/dt = f(t, z)``.
 
         Args:
-            t: scalar time (0-dim tensor or float).
+            t: scalar time (0-dim tensor, float or one element), or one time per sample of
+                shape ``(batch,)`` (``z[i]`` at time ``t[i]``).
             z: state of shape ``(batch, dim)``.
             context: must be None (the context slot of conditional fields).
 
@@ -275,11 +317,32 @@ class ConcatSquashMLP(nn.Module):
         """
         _no_context(self, context)
         self._check(z)
-        weights, biases = self._affine_maps(_time(t, z).reshape(1))
+        t = _times(t, z)
+        if t.shape[0] != 1:
+            return self._forward_per_sample(t, z)
+        weights, biases = self._affine_maps(t.reshape(1))
         x = z
         for v, b, act in zip(weights, biases, self.activations):
             x = act(torch.addmm(b, x, v))
         return torch.addmm(biases[-1], x, weights[-1])
+
+    def _forward_per_sample(self, t: Tensor, z: Tensor) -> Tensor:
+        r"""``f(t_i, z_i)`` for every sample, with ``t`` of shape ``(batch, 1)``.
+
+        The gates now differ between samples and cannot fold into the weights; each layer is
+        :math:`L_k(t_i, x_i) = (x_i W_k^\top) \odot g_{k,i} + b'_{k,i}`, with the gates
+        :math:`g_{k,i} = \sigma(a_k t_i + c_k)` and biases :math:`b'_{k,i} = g_{k,i} \odot b_k
+        + d_k t_i` of all layers computed together, shape ``(batch, H)``.
+        """
+        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
+        gate = torch.sigmoid(torch.addmm(torch.cat(c), t, torch.cat(a).T))  # (batch, H)
+        bias = torch.addcmul(t * torch.cat(d).T, gate, torch.cat(b))
+        gates = gate.split_with_sizes(self._out_sizes, dim=1)
+        biases = bias.split_with_sizes(self._out_sizes, dim=1)
+        x = z
+        for wk, g, bk, act in zip(w, gates, biases, self.activations):
+            x = act(torch.addcmul(bk, x @ wk.T, g))
+        return torch.addcmul(biases[-1], x @ w[-1].T, gates[-1])
 
     def _affine_maps(self, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         r"""Every layer at time ``t`` as a plain affine map: :math:`L_k(t, x) = x V_k + b'_k`.
@@ -342,7 +405,8 @@ class ConcatSquashMLP(nn.Module):
         :func:`cnf.trace.divergence_exact` calls this method for fields that have it.
 
         Args:
-            t: scalar time (0-dim tensor or float).
+            t: scalar time (0-dim tensor or float); unlike :meth:`forward`, not one per sample
+                (a ``ValueError``).
             z: state of shape ``(batch, dim)``.
             context: must be None, as for :meth:`forward`.
 
@@ -438,7 +502,11 @@ class ConcatSquashConv2d(nn.Module):
         >>> layer = ConcatSquashConv2d(3, 16)
         >>> layer(torch.tensor(0.0), torch.randn(4, 3, 8, 8)).shape
         torch.Size([4, 16, 8, 8])
+        >>> layer(torch.rand(4), torch.randn(4, 3, 8, 8)).shape  # a time per sample
+        torch.Size([4, 16, 8, 8])
     """
+
+    per_sample_time = True
 
     def __init__(
         self,
@@ -459,15 +527,18 @@ class ConcatSquashConv2d(nn.Module):
         """Apply the layer.
 
         Args:
-            t: scalar time (0-dim tensor or float; cast to ``x``'s dtype).
+            t: scalar time (0-dim tensor, float or one element), or one time per sample of
+                shape ``(batch,)``, whose gates broadcast over the pixels of ``x[i]``; cast to
+                ``x``'s dtype.
             x: input of shape ``(batch, in_channels, H, W)``.
 
         Returns:
             shape ``(batch, out_channels, H', W')``.
         """
-        t = _time(t, x)
-        gate = torch.sigmoid(self.hyper_gate(t)).reshape(1, -1, 1, 1)
-        return self.conv(x) * gate + self.hyper_bias(t).reshape(1, -1, 1, 1)
+        t = _times(t, x)
+        n = t.shape[0]  # 1, or batch for a time per sample
+        gate = torch.sigmoid(self.hyper_gate(t)).reshape(n, -1, 1, 1)
+        return self.conv(x) * gate + self.hyper_bias(t).reshape(n, -1, 1, 1)
 
 
 class ConcatSquashConvNet(nn.Module):
@@ -490,6 +561,9 @@ class ConcatSquashConvNet(nn.Module):
         >>> field(torch.tensor(0.0), torch.randn(2, 1, 6, 6)).shape
         torch.Size([2, 1, 6, 6])
     """
+
+    per_sample_time = True
+    """:meth:`forward` takes one time per sample, ``t`` of shape ``(batch,)``."""
 
     def __init__(
         self,
@@ -516,7 +590,8 @@ class ConcatSquashConvNet(nn.Module):
         """Evaluate ``dz/dt = f(t, z)``.
 
         Args:
-            t: scalar time (0-dim tensor or float).
+            t: scalar time (0-dim tensor, float or one element), or one time per sample of
+                shape ``(batch,)`` (``z[i]`` at time ``t[i]``).
             z: state of shape ``(batch, in_channels, H, W)``.
             context: must be None (the context slot of conditional fields).
 
@@ -528,6 +603,7 @@ class ConcatSquashConvNet(nn.Module):
             raise ValueError(
                 f"z must have shape (batch, {self.in_channels}, H, W), got {tuple(z.shape)}"
             )
+        t = _times(t, z).reshape(-1)  # checked once: (1,) or (batch,)
         x = z
         for layer, act in zip(self.layers, self.activations):
             x = act(layer(t, x))

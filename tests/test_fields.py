@@ -174,6 +174,77 @@ def test_bad_sizes_and_shapes():
         field(torch.zeros(2), torch.randn(5, 3))
 
 
+# ---------------------------------------------------------------- a time per sample
+
+
+def _row_by_row(field, t, z):
+    """The scalar-time path, one sample at a time (the reference for a time per sample)."""
+    return torch.cat([field(t[i], z[i : i + 1]) for i in range(z.shape[0])])
+
+
+@pytest.mark.parametrize("zero_init_last", [False, True])
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda zero: ConcatSquashMLP(3, (5, 4), "swish", zero_init_last=zero), (3,)),
+        (lambda zero: ConcatSquashMLP(2, (6, 5, 7), "softplus", zero_init_last=zero), (2,)),
+        (lambda zero: ConcatSquashConvNet(2, (3, 4), "elu", zero_init_last=zero), (2, 5, 4)),
+    ],
+)
+def test_a_time_per_sample_equals_scalar_times_row_by_row(make, shape, zero_init_last):
+    torch.manual_seed(3)
+    field = make(zero_init_last).to(F64)
+    if not zero_init_last:
+        _randomize(field)
+    t, z = torch.rand(7, dtype=F64) * 2 - 0.5, torch.randn(7, *shape, dtype=F64)
+    f = field(t, z)
+    torch.testing.assert_close(f, _row_by_row(field, t, z), rtol=1e-12, atol=1e-12)
+    if zero_init_last:
+        assert torch.equal(f, torch.zeros_like(f))
+    # the same gradients reach every parameter (and t) as through the row-by-row evaluation
+    params = [p for p in field.parameters()]
+    t.requires_grad_(True)
+    weights = torch.randn_like(f)
+    fast = torch.autograd.grad((field(t, z) * weights).sum(), [t, *params])
+    slow = torch.autograd.grad((_row_by_row(field, t, z) * weights).sum(), [t, *params])
+    for a, b in zip(fast, slow):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_layers_take_a_time_per_sample():
+    torch.manual_seed(4)
+    linear = ConcatSquashLinear(3, 4).to(F64)
+    t, x = torch.rand(5, dtype=F64), torch.randn(5, 2, 3, dtype=F64)  # (batch, ..., in)
+    expected = torch.stack([linear(t[i], x[i]) for i in range(5)])
+    torch.testing.assert_close(linear(t, x), expected, rtol=1e-12, atol=1e-12)
+    for transpose in (False, True):
+        conv = ConcatSquashConv2d(2, 3, 4, stride=2, transpose=transpose).to(F64)
+        x = torch.randn(5, 2, 6, 6, dtype=F64)
+        torch.testing.assert_close(conv(t, x), _row_by_row(conv, t, x), rtol=1e-12, atol=1e-12)
+    # one element in any shape is a scalar time, as before
+    z = torch.randn(4, 3, dtype=F64)
+    field = ConcatSquashMLP(3, (4,)).to(F64)
+    torch.testing.assert_close(
+        field(torch.tensor([0.3], dtype=F64), z), field(0.3, z), rtol=0, atol=0
+    )
+
+
+def test_bad_per_sample_times_are_value_errors():
+    mlp, conv = ConcatSquashMLP(3, hidden=(4,)), ConcatSquashConvNet(1, (2,))
+    z, img = torch.randn(5, 3), torch.randn(5, 1, 4, 4)
+    for bad in (torch.zeros(4), torch.zeros(6), torch.zeros(5, 1), torch.zeros(1, 5)):
+        with pytest.raises(ValueError, match=r"one time per sample of shape \(5,\)"):
+            mlp(bad, z)
+        with pytest.raises(ValueError, match=r"one time per sample of shape \(5,\)"):
+            conv(bad, img)
+        with pytest.raises(ValueError, match=r"one time per sample of shape \(5,\)"):
+            ConcatSquashLinear(3, 2)(bad, z)
+    with pytest.raises(ValueError, match="scalar time"):
+        ConcatSquashLinear(3, 2)(torch.zeros(3), torch.randn(3))  # a 1-D x has no batch
+    with pytest.raises(ValueError, match="forward only"):
+        mlp.forward_with_divergence(torch.rand(5), z)
+
+
 def test_zero_init_last_starts_at_the_zero_field_and_trains():
     field = ConcatSquashMLP(2, hidden=(8, 8), zero_init_last=True)
     z = torch.randn(16, 2)

@@ -282,6 +282,46 @@ def test_field_velocity_evaluates_each_point_at_its_own_time():
         torch.testing.assert_close(v, one_by_one, rtol=1e-5, atol=1e-6)
 
 
+class ScalarOnly(nn.Module):
+    """A field taking one scalar time only (no ``per_sample_time``): the vmap fallback."""
+
+    def __init__(self, field: nn.Module):
+        super().__init__()
+        self.field = field
+
+    def forward(self, t, z):
+        assert t.dim() == 0, "the fallback must hand over one scalar time"
+        return self.field(t, z)
+
+
+def _loss_and_grads(flow, data, **options):
+    loss, _ = FlowMatching(**options)(flow, data, torch.Generator().manual_seed(2))
+    return loss, torch.autograd.grad(loss, [p for p in flow.parameters()])
+
+
+@pytest.mark.parametrize("blocks", [1, 2])
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_the_batched_call_equals_the_vmap_fallback(kind, blocks):
+    torch.manual_seed(1)
+    shape = (2,) if kind == "mlp" else (1, 3, 3)
+    if kind == "mlp":
+        fields = [ConcatSquashMLP(2, (8, 8), "swish").double() for _ in range(blocks)]
+    else:
+        fields = [ConcatSquashConvNet(1, (4,), "softplus").double() for _ in range(blocks)]
+    assert all(f.per_sample_time is True for f in fields)
+
+    def flow(wrap):
+        cnfs = [CNF(wrap(f), shape, T=1.0 / blocks, train_T=False) for f in fields]
+        return cnfs[0] if blocks == 1 else SequentialFlow(cnfs)
+
+    data = torch.randn(64, *shape, dtype=torch.float64)
+    fast, fast_grads = _loss_and_grads(flow(lambda f: f), data, time="logit-normal")
+    slow, slow_grads = _loss_and_grads(flow(ScalarOnly), data, time="logit-normal")
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-14)
+    for a, b in zip(fast_grads, slow_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
 def test_gradients_reach_the_field():
     flow = small_cnf(0)
     loss, _ = FlowMatching()(flow, torch.randn(32, 2), torch.Generator().manual_seed(0))

@@ -151,19 +151,27 @@ def _check_times(blocks: list[CNFTransform]) -> list[float]:
 
 
 def field_velocity(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
-    """``field(t_b, x_b)`` for every point, each at its own time (a field takes one scalar time).
+    """``field(t_b, x_b)`` for every point, each at its own time.
 
-    ``torch.func.vmap`` over ``(t_b, x_b)`` pairs calls the field once on batches of one point,
-    which works for fields built from batched torch operations (ConcatSquash MLP and conv nets).
+    A field whose class sets ``per_sample_time = True`` (the package's
+    :class:`~cnf.fields.ConcatSquashMLP` and :class:`~cnf.fields.ConcatSquashConvNet`) takes the
+    times ``(batch,)`` directly and is called once on the whole batch. Any other field is taken
+    to accept one scalar time only: ``torch.func.vmap`` over ``(t_b, x_b)`` pairs calls it on
+    batches of one point, which works for fields built from batched torch operations but costs
+    a weight-sized computation per point. A user field that evaluates ``t`` of shape
+    ``(batch,)`` row by row can set the attribute too.
 
     Args:
-        field: ``field(t, z)`` with ``t`` a 0-dim tensor and ``z`` of shape ``(n, *event_shape)``.
+        field: ``field(t, z)`` with ``z`` of shape ``(n, *event_shape)`` and ``t`` a 0-dim
+            tensor, or of shape ``(n,)`` if the field has ``per_sample_time = True``.
         t: times, ``(batch,)``.
         x: points, ``(batch, *event_shape)``.
 
     Returns:
         velocities, ``(batch, *event_shape)``.
     """
+    if getattr(field, "per_sample_time", False) is True:
+        return field(t, x)
 
     def one(t_b: Tensor, x_b: Tensor) -> Tensor:
         return field(t_b, x_b.unsqueeze(0)).squeeze(0)
@@ -177,7 +185,8 @@ def blockwise_velocity(blocks: list[CNFTransform], t: Tensor, x: Tensor) -> Tens
     Block ``k`` of the generative order (``reversed(blocks)``: the last step of the
     data-to-base order acts first on base points) occupies :math:`[o_k, o_k + T_k]`,
     :math:`o_k = \sum_{j<k} T_j`; a point at time :math:`t` gets that block's field at the local
-    time :math:`t - o_k` (as in :meth:`cnf.Flow.trajectory`).
+    time :math:`t - o_k` (as in :meth:`cnf.Flow.trajectory`). Each block's field is evaluated
+    once, on the group of points in its span (:func:`field_velocity`).
 
     Args:
         blocks: CNF blocks in the data-to-base order, with fixed ``T``.
