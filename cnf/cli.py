@@ -85,6 +85,32 @@ def _fit_settings(args: argparse.Namespace, out: Path, device: torch.device) -> 
     )
 
 
+def _flow_matching_spec(recipe, args: argparse.Namespace, spec: dict) -> dict:
+    """The spec to train by flow matching: fixed ``T`` summing to 1 over the CNF blocks."""
+    from .continuous import CNFTransform
+    from .models import build
+
+    if args.T is not None and not args.fixed_T:
+        raise ValueError("flow matching needs a fixed T: add --fixed-T (the blocks' T sum to 1)")
+    blocks = sum(isinstance(m, CNFTransform) for m in build(spec).modules())
+    T = args.T if args.T is not None else 1.0 / blocks
+    return recipe.spec(**{**_model_settings(args), "T": T, "train_T": False})
+
+
+def _objective(args: argparse.Namespace, options: dict):
+    """None (maximum likelihood, fit's default) or the flow-matching objective of the flags."""
+    from .training import FlowMatching
+
+    if args.objective == "likelihood":
+        if args.coupling is not None:
+            raise ValueError("--coupling applies to --objective flow-matching only")
+        return None
+    if args.kinetic or args.jacobian:
+        raise ValueError("--kinetic and --jacobian weight the likelihood; flow matching has none")
+    options.update(kinetic=0.0, jacobian=0.0)  # the recipe's RNODE weights are the likelihood's
+    return FlowMatching(coupling=None if args.coupling in (None, "none") else args.coupling)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import build
     from .recipes import get
@@ -96,6 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     device = _device(args.device)
     out = Path(args.out or f"runs/{args.data}")
     spec = recipe.spec(**_model_settings(args))
+    if args.objective == "flow-matching":
+        spec = _flow_matching_spec(recipe, args, spec)
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
     record = recipe.record(root=args.root, split_seed=args.split_seed)
@@ -107,8 +135,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     options = recipe.fit_options(**_fit_settings(args, out, device))
     if args.ema == 0:
         options["ema"] = None
+    objective = _objective(args, options)
+    how = "" if objective is None else " by flow matching"
     print(
-        f"training a CNF ({recipe.architecture}) on {recipe.name} ({data.describe()}): "
+        f"training a CNF ({recipe.architecture}){how} on {recipe.name} ({data.describe()}): "
         f"{options['iters']} iterations, batch {options['batch_size']}, trace "
         f"{args.trace or recipe.model['trace']}, tol {tol:g}, device {device}; writing {out}/",
         flush=True,
@@ -118,6 +148,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         model,
         data.sampler(args.translate),
         **options,
+        objective=objective,
         **recipe.validation(val, tol=tol, draws=args.draws),
         extra_state={"spec": spec, "data": recipe.name, "recipe": record.to_dict()},
     )
@@ -362,6 +393,14 @@ def _training_flags(t: argparse.ArgumentParser) -> None:
         help="images: probability of moving a training image by one pixel (augmentation)",
     )
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--objective",
+        choices=("likelihood", "flow-matching"),
+        default="likelihood",
+        help="maximum likelihood through the ODE, or flow matching (regression, no solve; the "
+        "blocks' T are fixed to sum to 1)",
+    )
+    t.add_argument("--coupling", choices=("none", "ot"), help="flow matching: base-data pairing")
 
 
 def _other_parsers(sub) -> None:

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 from ..continuous import CNFTransform
 from ..flow import Flow, StandardNormal
 from ..settings import Call, check_choice
-from ..transforms.core import Compose
+from ..transforms.core import Compose, Reshape
 from .objectives import Metric
 
 __all__ = [
@@ -123,13 +123,16 @@ def _split(transform) -> tuple[list[nn.Module], list[CNFTransform]]:
     lead = 0
     while lead < len(steps) and not isinstance(steps[lead], CNFTransform):
         lead += 1
-    prefix, blocks = steps[:lead], steps[lead:]
+    end = len(steps)
+    while end > lead and isinstance(steps[end - 1], Reshape):
+        end -= 1  # reshapes on the base side: N(0, I) is the same in any shape
+    prefix, blocks = steps[:lead], steps[lead:end]
     nested = any(isinstance(m, CNFTransform) for s in prefix for m in s.modules())
     if not blocks or nested or not all(isinstance(b, CNFTransform) for b in blocks):
         raise ValueError(
             "flow matching supports a CNF block, or CNF blocks after data-side steps without "
-            f"a solve (e.g. LogitTransform, Reshape); got {type(transform).__name__} with "
-            f"steps {[type(s).__name__ for s in steps]}"
+            f"a solve (e.g. LogitTransform, Reshape) and before reshapes; got "
+            f"{type(transform).__name__} with steps {[type(s).__name__ for s in steps]}"
         )
     return prefix, blocks
 
