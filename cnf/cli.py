@@ -334,7 +334,7 @@ def _train_parser(sub) -> None:
     )
     t = sub.add_parser(
         "train",
-        help="fit a density by maximum likelihood (2-D toy data or images)",
+        help="fit a density by maximum likelihood or flow matching (2-D toy data or images)",
         description="Every default comes from the recipe of --data and --architecture "
         f"(cnf.recipes.get(data, architecture)), e.g. {examples}.",
     )
