@@ -179,8 +179,6 @@ def _check_resume(last: Path, record) -> None:
 
 def _report_training(recipe, data, history, seconds, out, device, tol, draws) -> Path:
     """Print how training ended; return the checkpoint to draw: ``best.pt`` or ``last.pt``."""
-    from .training import build_from_state, load_checkpoint
-
     metric = recipe.evaluation.metric
     if not recipe.evaluation.keep_best:
         line = f"done in {seconds:.0f} s; held-out {_value(metric, history.eval_nll[-1], 3)}"
@@ -190,8 +188,7 @@ def _report_training(recipe, data, history, seconds, out, device, tol, draws) ->
         print(line, flush=True)
         return out / "last.pt"
     best = min(range(len(history.eval_nll)), key=history.eval_nll.__getitem__)
-    state = load_checkpoint(out / "best.pt", map_location=device)
-    model = build_from_state(state, source=str(out / "best.pt")).to(device)
+    model = _open(out / "best.pt", device)[2]
     # the test value at cnf eval's tolerance, or at the training one if that is tighter
     test_tol = min(tol, recipe.evaluation.tol)
     test = recipe.score(model, data.part("test"), tol=test_tol, draws=draws)

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from .ode import solve
 from .settings import Call, SolverSettings, check_choice
 from .trace import divergence, sample_noise
-from .transforms.core import FlowOutput, Transform, check_points
+from .transforms.core import FlowOutput, Transform, check_event_shape, check_points
 
 __all__ = ["CNFTransform", "JointODE", "with_context"]
 
@@ -123,9 +123,7 @@ class CNFTransform(Transform):
             raise ValueError("field must be an nn.Module (its parameters are what trains)")
         if not (isinstance(T, (int, float)) and T > 0 and math.isfinite(T)):
             raise ValueError(f"T must be a positive number, got {T!r}")
-        shape = torch.Size(event_shape)
-        if not shape or any(d < 1 for d in shape):
-            raise ValueError(f"event_shape must be non-empty and positive, got {tuple(shape)}")
+        shape = check_event_shape(event_shape)
         if settings is not None and setting_kwargs:
             raise ValueError("give settings or setting keywords, not both")
         self.settings = settings if settings is not None else SolverSettings(**setting_kwargs)
@@ -181,13 +179,14 @@ class CNFTransform(Transform):
             zeros = y.new_zeros(y.shape[0])
             state = (y, zeros, zeros, zeros) if regularizers else (y, zeros)
             rtol, atol = s.tolerances(regularizers)
+        if s.adjoint is None:
+            return solve(rhs, state, t, method=s.method, rtol=rtol, atol=atol, options=s.options)
         params = tuple(p for p in self.field.parameters() if p.requires_grad)
         if call.context is not None and call.context.requires_grad:
             params += (call.context,)  # the adjoint's gradients must reach the context too
         return solve(
             rhs, state, t, method=s.method, rtol=rtol, atol=atol, options=s.options,
-            adjoint=s.adjoint if s.adjoint is not None else False,
-            adjoint_params=params if s.adjoint is not None else None,
+            adjoint=s.adjoint, adjoint_params=params,
         )  # fmt: skip
 
     def forward_and_logdet(self, x: Tensor, call: Call) -> FlowOutput:

@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .flow import CNF, Flow, StandardNormal
+from .settings import check_choice
 
 __all__ = [
     "animate_flow",
@@ -424,8 +425,7 @@ def plot_samples(
     samples = _as_points(samples, "samples")
     data = None if data is None else _as_points(data, "data")
     lim = _check_positive("lim", lim)
-    if kind not in ("hist", "scatter"):
-        raise ValueError(f"unknown kind {kind!r}; choose one of hist, scatter")
+    check_choice("kind", kind, ("hist", "scatter"))
     bins = _check_int("bins", bins, 1)
 
     fig = _new_figure(1 if data is None else 2)

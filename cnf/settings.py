@@ -192,7 +192,3 @@ class Call:
         if key not in self._resolved:
             self._resolved[key] = (defaults, defaults.replace(**self.overrides))
         return self._resolved[key][1]
-
-    def but(self, **changes) -> Call:
-        """The same call with some flags changed (e.g. ``with_logdet=False``)."""
-        return dataclasses.replace(self, _resolved={}, **changes)

@@ -137,8 +137,8 @@ def _split(transform) -> tuple[list[nn.Module], list[CNFTransform]]:
     return prefix, blocks
 
 
-def _check_times(blocks: list[CNFTransform]) -> list[float]:
-    """The blocks' ``T`` in the generative order; they must be fixed and add up to 1."""
+def _check_times(blocks: list[CNFTransform]) -> None:
+    """The blocks' ``T`` must be fixed and add up to 1."""
     if any(b.T_scale is not None for b in blocks):
         raise ValueError(
             "flow matching needs a fixed integration time: build the model with train_T=False"
@@ -150,7 +150,6 @@ def _check_times(blocks: list[CNFTransform]) -> list[float]:
             f"(T = {spans}); build the model with T=1.0 (or T = 1/n for each of n blocks), "
             "train_T=False"
         )
-    return spans
 
 
 def field_velocity(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
@@ -200,12 +199,12 @@ def blockwise_velocity(blocks: list[CNFTransform], t: Tensor, x: Tensor) -> Tens
         velocities, ``(batch, *event_shape)``.
     """
     generative = list(reversed(blocks))
+    if len(generative) == 1:
+        return field_velocity(generative[0].field, t, x)
     spans = [b.T0 for b in generative]
     offsets = [sum(spans[:k]) for k in range(len(spans))]
     inner = torch.tensor(offsets[1:], dtype=t.dtype, device=t.device)
     which = torch.bucketize(t, inner, right=True)  # index k with o_k <= t < o_{k+1}
-    if len(generative) == 1:
-        return field_velocity(generative[0].field, t, x)
     v = torch.zeros_like(x)
     for k, block in enumerate(generative):
         mask = which == k

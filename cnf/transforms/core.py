@@ -31,7 +31,15 @@ from torch import Tensor, nn
 from ..ode import SolverStats
 from ..settings import Call
 
-__all__ = ["Compose", "FlowOutput", "Reshape", "Transform", "check_points", "first_tensor"]
+__all__ = [
+    "Compose",
+    "FlowOutput",
+    "Reshape",
+    "Transform",
+    "check_event_shape",
+    "check_points",
+    "first_tensor",
+]
 
 
 def _add(a: Tensor | None, b: Tensor | None) -> Tensor | None:
@@ -85,6 +93,14 @@ class FlowOutput:
     def identity(cls, x: Tensor) -> FlowOutput:
         """The start of a composition: ``x`` itself with log-determinant 0."""
         return cls(z=x, logdet=x.new_zeros(x.shape[0]))
+
+
+def check_event_shape(event_shape) -> torch.Size:
+    """``event_shape`` as a ``torch.Size``; a ValueError unless it is non-empty and positive."""
+    shape = torch.Size(event_shape)
+    if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
+        raise ValueError(f"event_shape must be non-empty and positive, got {tuple(shape)}")
+    return shape
 
 
 def check_points(x, shape: torch.Size, name: str, like: Tensor | None = None) -> Tensor:

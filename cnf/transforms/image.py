@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..settings import Call
-from .core import FlowOutput, Transform
+from .core import FlowOutput, Transform, check_event_shape
 
 __all__ = ["LogitTransform", "Squeeze", "image_shape"]
 
@@ -69,10 +69,7 @@ class LogitTransform(Transform):
 
     def __init__(self, event_shape: Sequence[int], alpha: float = 1e-6):
         super().__init__()
-        shape = torch.Size(event_shape)
-        if not shape or any(not isinstance(d, int) or d < 1 for d in shape):
-            raise ValueError(f"event_shape must be non-empty and positive, got {tuple(shape)}")
-        self.in_shape = self.out_shape = shape
+        self.in_shape = self.out_shape = check_event_shape(event_shape)
         if not (isinstance(alpha, (int, float)) and 0 < alpha < 0.5):
             raise ValueError(
                 f"alpha must be a number in (0, 0.5), e.g. 1e-6 or 0.05; got {alpha!r}"

@@ -33,6 +33,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .core import check_event_shape
+
 __all__ = ["bits_per_dim", "dequantize"]
 
 
@@ -124,10 +126,7 @@ def bits_per_dim(log_prob: Tensor, event_shape: Sequence[int], levels: int) -> T
         tensor([4.0875, 4.0875])
     """
     k = _check_levels(levels)
-    shape = torch.Size(event_shape)
-    if not shape or any(d < 1 for d in shape):
-        raise ValueError(f"event_shape must be non-empty and positive, got {tuple(shape)}")
-    d = shape.numel()
+    d = check_event_shape(event_shape).numel()
     log_prob = torch.as_tensor(log_prob)
     if not log_prob.is_floating_point():
         log_prob = log_prob.to(torch.get_default_dtype())
