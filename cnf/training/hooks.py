@@ -12,6 +12,7 @@ all), ``evaluation_model`` (the average when there is one) and ``state()`` (a ch
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -59,30 +60,40 @@ class EMA(Hook):
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"ema must be a decay in (0, 1), got {decay}")
-        swa = torch.optim.swa_utils
-        self.averaged = swa.AveragedModel(model, multi_avg_fn=swa.get_ema_multi_avg_fn(decay))
+        self.decay, self._module = decay, copy.deepcopy(model)
+        self._module.requires_grad_(False)
+        # the pairs of tensors, found once: walking the module tree every step cost more than
+        # the update itself for the small 2-D models (buffers are copied, not averaged)
+        self._average = [p.detach() for p in self._module.parameters()]
+        self._source = [p.detach() for p in model.parameters()]
+        self._updates = 0
 
     @property
     def module(self) -> nn.Module:
         """The model with the averaged weights."""
-        return self.averaged.module
+        return self._module
 
     @property
     def updates(self) -> int:
         """Steps averaged so far."""
-        return int(self.averaged.n_averaged)
+        return self._updates
 
     def weights(self) -> dict[str, Tensor]:
         """The averaged weights, with the model's own ``state_dict`` keys."""
-        return self.module.state_dict()
+        return self._module.state_dict()
 
     def load(self, weights: Mapping[str, Tensor], updates: int) -> None:
         """Restore an average saved as :meth:`weights` and :attr:`updates`."""
-        self.module.load_state_dict(weights)
-        self.averaged.n_averaged.fill_(updates)
+        self._module.load_state_dict(weights)
+        self._updates = int(updates)
 
     def after_step(self, trainer: Trainer) -> None:
-        self.averaged.update_parameters(trainer.model)
+        with torch.no_grad():
+            if self._updates == 0:
+                torch._foreach_copy_(self._average, self._source)
+            else:  # w_bar + (1 - beta) (w - w_bar), in one call for all tensors
+                torch._foreach_lerp_(self._average, self._source, 1.0 - self.decay)
+        self._updates += 1
 
 
 class Evaluation(Hook):

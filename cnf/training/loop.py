@@ -243,7 +243,11 @@ class Trainer:
         model.to(self.device)  # after every check: a bad call leaves the model as it was
         self.params = [p for p in model.parameters() if p.requires_grad]
         adam = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
-        self.optimizer = adam(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        # foreach: one kernel per operation for all tensors (torch uses it on GPUs only by
+        # default; on CPU the per-tensor loop cost as much as a 2-D flow-matching step)
+        self.optimizer = adam(
+            self.params, lr=config.lr, weight_decay=config.weight_decay, foreach=True
+        )
         self.scheduler = learning_rate_schedule(self.optimizer, config.schedule, self.iters)
         self.ema = EMA(model, config.ema) if config.ema is not None else None
         progress = ProgressBar() if config.progress else None
@@ -308,8 +312,8 @@ class Trainer:
     def _gradient_norm(self) -> Tensor:
         if self.config.clip_grad is not None:
             return torch.nn.utils.clip_grad_norm_(self.params, self.config.clip_grad)
-        norms = [p.grad.norm() for p in self.params if p.grad is not None]
-        return torch.stack(norms).norm() if norms else torch.zeros(())
+        grads = [p.grad for p in self.params if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
 
     def _stop(self, what: str) -> None:
         where = f" at {self.checkpoints.last}" if self.checkpoints is not None else ""
