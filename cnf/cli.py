@@ -10,6 +10,7 @@ split the model was trained on. argparse lives here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -85,62 +86,106 @@ def _fit_settings(args: argparse.Namespace, out: Path, device: torch.device) -> 
     )
 
 
-def _flow_matching_spec(recipe, args: argparse.Namespace, spec: dict) -> dict:
-    """The spec to train by flow matching: fixed ``T`` summing to 1 over the CNF blocks."""
-    from .continuous import CNFTransform
-    from .models import build
+STAGE_WORDS = {
+    "likelihood": "",
+    "flow-matching": " by flow matching",
+    "finish": " by maximum likelihood from the flow-matching model",
+}
+"""How ``cnf train`` names each training stage in its messages."""
 
+
+def _spec(recipe, args: argparse.Namespace) -> dict:
+    """The model spec of the flags; for flow matching, fixed ``T`` adding up to 1."""
+    if args.objective == "likelihood":
+        return recipe.spec(**_model_settings(args))
     if args.T is not None and not args.fixed_T:
         raise ValueError("flow matching needs a fixed T: add --fixed-T (the blocks' T sum to 1)")
-    blocks = sum(isinstance(m, CNFTransform) for m in build(spec).modules())
-    T = args.T if args.T is not None else 1.0 / blocks
-    return recipe.spec(**{**_model_settings(args), "T": T, "train_T": False})
+    return recipe.flow_matching_spec(**_model_settings(args))
 
 
-def _objective(args: argparse.Namespace, options: dict):
-    """None (maximum likelihood, fit's default) or the flow-matching objective of the flags."""
-    from .training import FlowMatching
-
+def _stages(recipe, args: argparse.Namespace, out: Path) -> list[tuple[str, Path]]:
+    """The training stages of the flags and the folder of each: the last one writes ``out``."""
     if args.objective == "likelihood":
-        if args.coupling is not None:
-            raise ValueError("--coupling applies to --objective flow-matching only")
-        return None
+        for flag in ("coupling", "finish_ml"):
+            if getattr(args, flag) is not None:
+                name = "--" + flag.replace("_", "-")
+                raise ValueError(f"{name} applies to --objective flow-matching only")
+        return [("likelihood", out)]
     if args.kinetic or args.jacobian:
         raise ValueError("--kinetic and --jacobian weight the likelihood; flow matching has none")
-    options.update(kinetic=0.0, jacobian=0.0)  # the recipe's RNODE weights are the likelihood's
-    return FlowMatching(coupling=None if args.coupling in (None, "none") else args.coupling)
+    finish = recipe.flow_matching.finish_iters if args.finish_ml is None else args.finish_ml
+    if finish < 0:
+        raise ValueError(f"--finish-ml must be >= 0 iterations, got {finish}")
+    if finish == 0:
+        return [("flow-matching", out)]
+    return [("flow-matching", out / "flow_matching"), ("finish", out)]
+
+
+def _stage_options(recipe, stage: str, args: argparse.Namespace, folder: Path, device) -> dict:
+    """The keywords of :func:`cnf.training.fit` for one stage; the training flags apply to the
+    stage the objective names, the finish takes the recipe's plan and ``--finish-ml``."""
+    settings = _fit_settings(args, folder, device)
+    if stage == "finish":
+        names = ("checkpoint_dir", "checkpoint_every", "resume", "seed", "device", "progress")
+        settings = {k: settings[k] for k in names}
+        settings["iters"] = args.finish_ml
+    options = recipe.fit_options(stage, **settings)
+    if args.ema == 0 and stage != "finish":
+        options["ema"] = None
+    if stage == "flow-matching" and args.coupling is not None:
+        coupling = None if args.coupling == "none" else args.coupling
+        options["objective"] = dataclasses.replace(options["objective"], coupling=coupling)
+    return options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .models import build
     from .recipes import get
-    from .training import fit
 
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe = get(args.data, args.architecture)
     device = _device(args.device)
     out = Path(args.out or f"runs/{args.data}")
-    spec = recipe.spec(**_model_settings(args))
-    if args.objective == "flow-matching":
-        spec = _flow_matching_spec(recipe, args, spec)
+    spec = _spec(recipe, args)
+    stages = _stages(recipe, args, out)
     torch.manual_seed(args.seed)
     model = build(spec).to(device)
     record = recipe.record(root=args.root, split_seed=args.split_seed)
     if args.resume:
-        _check_resume(out / "last.pt", record)
+        for stage, folder in stages:
+            _check_resume(folder / "last.pt", record, stage)
     data = record.load()
     tol = recipe.tol if args.tol is None else args.tol
     val = data.part("val", seed=args.seed + 1, n=args.eval_n)
-    options = recipe.fit_options(**_fit_settings(args, out, device))
-    if args.ema == 0:
-        options["ema"] = None
-    objective = _objective(args, options)
-    how = "" if objective is None else " by flow matching"
+    extra = {"spec": spec, "data": recipe.name, "recipe": record.to_dict()}
+    run = dict(data=data, val=val, tol=tol, device=device, extra=extra)
+    for k, (stage, folder) in enumerate(stages):
+        if k + 1 < len(stages) and args.resume and (stages[-1][1] / "last.pt").is_file():
+            continue  # the finish has begun: this stage is done
+        if k > 0:  # the finish continues the model the stage before kept
+            model = _open(_kept(recipe, stages[k - 1][1]), device)[2].train()
+        _train_stage(recipe, args, model, stage, folder, run, last=k + 1 == len(stages))
+    return 0
+
+
+def _kept(recipe, folder: Path) -> Path:
+    """The checkpoint a finished stage keeps: ``best.pt`` where the recipe keeps the best."""
+    return folder / ("best.pt" if recipe.evaluation.keep_best else "last.pt")
+
+
+def _train_stage(recipe, args, model, stage: str, folder: Path, run: dict, last: bool) -> None:
+    """Train ``model`` for one stage into ``folder``; the last stage reports and draws."""
+    from .training import fit
+
+    options = _stage_options(recipe, stage, args, folder, run["device"])
+    data, tol = run["data"], run["tol"]
+    how = STAGE_WORDS[stage]
+    trace = args.trace or recipe.model["trace"]
     print(
         f"training a CNF ({recipe.architecture}){how} on {recipe.name} ({data.describe()}): "
-        f"{options['iters']} iterations, batch {options['batch_size']}, trace "
-        f"{args.trace or recipe.model['trace']}, tol {tol:g}, device {device}; writing {out}/",
+        f"{options['iters']} iterations, batch {options['batch_size']}, trace {trace}, "
+        f"tol {tol:g}, device {run['device']}; writing {folder}/",
         flush=True,
     )
     tic = time.perf_counter()
@@ -148,32 +193,37 @@ def cmd_train(args: argparse.Namespace) -> int:
         model,
         data.sampler(args.translate),
         **options,
-        objective=objective,
-        **recipe.validation(val, tol=tol, draws=args.draws),
-        extra_state={"spec": spec, "data": recipe.name, "recipe": record.to_dict()},
+        **recipe.validation(run["val"], tol=tol, draws=args.draws),
+        extra_state={**run["extra"], "stage": stage},
     )
     seconds = time.perf_counter() - tic
-    (out / "history.json").write_text(json.dumps(history.to_dict()))
-    kept = _report_training(recipe, data, history, seconds, out, device, tol, args.draws)
-    if not args.no_plot:
-        _write_pictures(kept, out, device, n=args.plot_n, gif=not args.no_gif)
-    return 0
+    (folder / "history.json").write_text(json.dumps(history.to_dict()))
+    kept = _report_training(recipe, data, history, seconds, folder, run["device"], tol, args.draws)
+    if last and not args.no_plot:
+        _write_pictures(kept, folder, run["device"], n=args.plot_n, gif=not args.no_gif)
 
 
-def _check_resume(last: Path, record) -> None:
-    """Refuse to continue a run on other data than it started with."""
+def _check_resume(last: Path, record, stage: str) -> None:
+    """Refuse to continue a run on other data, or with another objective, than it began."""
     from .recipes import Record
     from .training import load_checkpoint
 
     if not last.is_file():
         return  # nothing to resume: a fresh run
-    before = Record.from_checkpoint(load_checkpoint(last), source=str(last))
+    state = load_checkpoint(last)
+    before = Record.from_checkpoint(state, source=str(last))
     keys = ("name", "architecture", "split_seed")
     if any(getattr(before, key) != getattr(record, key) for key in keys):
         raise ValueError(
             f"{last} was trained on {before.name} ({before.architecture}, split seed "
             f"{before.split_seed}); resume it with the same --data, --architecture and "
             "--split-seed, or write to another --out"
+        )
+    was = state.get("stage", "likelihood")  # runs before flow matching were all likelihood
+    if was != stage:
+        raise ValueError(
+            f"{last} holds a {was} stage, but these flags train {stage} there; resume with the "
+            "flags it began with (--objective, --finish-ml), or write to another --out"
         )
 
 
@@ -397,7 +447,18 @@ def _training_flags(t: argparse.ArgumentParser) -> None:
         help="maximum likelihood through the ODE, or flow matching (regression, no solve; the "
         "blocks' T are fixed to sum to 1)",
     )
-    t.add_argument("--coupling", choices=("none", "ot"), help="flow matching: base-data pairing")
+    t.add_argument(
+        "--coupling",
+        choices=("none", "ot"),
+        help="flow matching: base-data pairing (default: the recipe's)",
+    )
+    t.add_argument(
+        "--finish-ml",
+        type=int,
+        metavar="ITERS",
+        help="flow matching: then continue by maximum likelihood for ITERS iterations (0: no "
+        "finish; default: the recipe's); the flow-matching stage writes <out>/flow_matching/",
+    )
 
 
 def _other_parsers(sub) -> None:

@@ -12,7 +12,7 @@ from cnf import recipes
 from cnf.cli import main
 from cnf.data import NAMES, sample_tensor
 from cnf.models import build
-from cnf.training import CheckpointError, fit, load
+from cnf.training import CheckpointError, FlowMatching, fit, load
 
 TOY_TRAINING = {
     "iters": 1000,
@@ -166,6 +166,50 @@ def test_python_following_a_recipe_trains_what_cnf_train_trains(tmp_path):
     fit(model, data.sampler(), **recipe.fit_options(**flags, progress=False))
     expected = load(tmp_path / "last.pt").state_dict()  # the averaged weights, as fit returns
     assert model.state_dict().keys() == expected.keys()
+    for name, weight in model.state_dict().items():
+        assert torch.equal(weight, expected[name]), name
+
+
+def test_stages_give_the_flow_matching_plan_and_the_finish():
+    recipe = recipes.get("digits")
+    plan = recipe.flow_matching
+    fm = recipe.fit_options("flow-matching")
+    assert isinstance(fm["objective"], FlowMatching) and fm["objective"] == plan.make_objective()
+    assert fm["kinetic"] == fm["jacobian"] == 0.0  # they weight the likelihood
+    assert {k: fm[k] for k in plan.training} == dict(plan.training)
+    finish = recipe.fit_options("finish", iters=7)
+    assert "objective" not in finish and finish["iters"] == 7
+    assert finish["batch_size"] == DIGITS_TRAINING["batch_size"]  # the likelihood's defaults
+    assert finish["lr"] == plan.finish["lr"] and finish["kinetic"] == plan.finish["kinetic"]
+    assert plan.make_objective(coupling="ot", time="logit-normal").time == "logit-normal"
+    with pytest.raises(ValueError, match="training stage 'regression'"):
+        recipe.fit_options("regression")
+
+
+def test_flow_matching_specs_fix_T_to_add_up_to_one():
+    digits = recipes.get("digits").flow_matching_spec()["options"]
+    assert (digits["blocks"], digits["T"], digits["train_T"]) == (2, 0.5, False)
+    assert digits["hidden"] == [512, 512]  # the plan's wider field; flags still win:
+    assert recipes.get("digits").flow_matching_spec(hidden=[8])["options"]["hidden"] == [8]
+    moons = recipes.get("moons").flow_matching_spec(blocks=4)
+    assert (moons["T"], moons["train_T"]) == (0.25, False)
+    with pytest.raises(ValueError, match="fixed integration time"):
+        recipes.get("moons").flow_matching_spec(train_T=True)
+
+
+def test_python_following_the_two_stages_trains_what_cnf_train_trains(tmp_path):
+    argv = ["train", "--data", "moons", "--out", str(tmp_path), "--hidden", "8", "--no-plot",
+            "--quiet", "--eval-n", "100", "--objective", "flow-matching", "--iters", "4",
+            "--batch-size", "32", "--finish-ml", "3"]  # fmt: skip
+    assert main(argv) == 0
+
+    recipe = recipes.get("moons")
+    torch.manual_seed(0)
+    model, data = build(recipe.flow_matching_spec(hidden=[8])), recipe.load()
+    stage = recipe.fit_options("flow-matching", iters=4, batch_size=32, progress=False)
+    fit(model, data.sampler(), **stage)
+    fit(model, data.sampler(), **recipe.fit_options("finish", iters=3, progress=False))
+    expected = load(tmp_path / "last.pt").state_dict()
     for name, weight in model.state_dict().items():
         assert torch.equal(weight, expected[name]), name
 
