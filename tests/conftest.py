@@ -17,6 +17,25 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
+@pytest.fixture
+def kill_at(monkeypatch):
+    """``kill_at(objective_class, n)``: the ``n``-th call of that objective's ``__call__``
+    raises ``KeyboardInterrupt``, as a run killed mid-iteration; ``monkeypatch.undo()`` ends it."""
+
+    def arm(objective: type, n: int) -> None:
+        calls, original = {"n": 0}, objective.__call__
+
+        def dies(self, model, batch, generator):
+            calls["n"] += 1
+            if calls["n"] == n:
+                raise KeyboardInterrupt
+            return original(self, model, batch, generator)
+
+        monkeypatch.setattr(objective, "__call__", dies)
+
+    return arm
+
+
 class TimeMLP(nn.Module):
     """A small tanh MLP vector field with time as an input.
 

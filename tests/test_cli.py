@@ -95,20 +95,10 @@ def test_train_prints_the_gap_to_the_entropy(tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["history.json", "last.pt"]
 
 
-def test_train_resume_continues_a_killed_run_exactly(run, tmp_path, monkeypatch):
+def test_train_resume_continues_a_killed_run_exactly(run, tmp_path, monkeypatch, kill_at):
     _, straight = run
-    killed_at = 5  # killed during iteration 5: last.pt holds iteration 3
-    calls = {"n": 0}
-    original = MaximumLikelihood.__call__
-
-    def dies(self, model, batch, generator):
-        calls["n"] += 1
-        if calls["n"] == killed_at:
-            raise KeyboardInterrupt
-        return original(self, model, batch, generator)
-
+    kill_at(MaximumLikelihood, 5)  # killed during iteration 5: last.pt holds iteration 3
     out = tmp_path / "killed"
-    monkeypatch.setattr(MaximumLikelihood, "__call__", dies)
     with pytest.raises(KeyboardInterrupt):
         main(_train_args(out, "--no-plot"))
     monkeypatch.undo()

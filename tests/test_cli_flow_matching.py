@@ -127,19 +127,10 @@ def test_the_finish_writes_both_stages_and_keeps_the_flow_matching_one(straight)
 
 @pytest.mark.parametrize("objective, killed_at", [(FlowMatching, 5), (MaximumLikelihood, 4)])
 def test_a_two_stage_run_killed_in_either_stage_resumes_exactly(
-    straight, tmp_path, monkeypatch, objective, killed_at
+    straight, tmp_path, monkeypatch, kill_at, objective, killed_at
 ):
-    calls = {"n": 0}
-    original = objective.__call__
-
-    def dies(self, model, batch, generator):
-        calls["n"] += 1
-        if calls["n"] == killed_at:
-            raise KeyboardInterrupt
-        return original(self, model, batch, generator)
-
+    kill_at(objective, killed_at)
     out = tmp_path / "killed"
-    monkeypatch.setattr(objective, "__call__", dies)
     with pytest.raises(KeyboardInterrupt):
         main(["train", "--out", str(out), *TWO_STAGES])
     monkeypatch.undo()
