@@ -90,7 +90,7 @@ class Velocity(nn.Module):
 
 def train_cnf(recipe, stage: str, model, data, args) -> float:
     """Train ``model`` in place for one stage of the recipe; return the training seconds."""
-    options = recipe.fit_options(stage, progress=False)
+    options = recipe.fit_options(stage, progress=False, seed=args.seed)
     if stage == "finish":
         options["iters"] = args.finish
     if stage == "flow-matching":
@@ -103,14 +103,14 @@ def train_cnf(recipe, stage: str, model, data, args) -> float:
     return time.perf_counter() - tic
 
 
-def train_peer(name: str, recipe, model, data, seconds: float) -> int:
+def train_peer(name: str, recipe, model, data, seconds: float, seed: int) -> int:
     """Train the model's fields with a peer's flow-matching loss for ``seconds``; iterations."""
     prefix, blocks = parts(model)
     velocity = Velocity(blocks).train()
     options = recipe.fit_options("flow-matching")
     opt = torch.optim.Adam(velocity.parameters(), lr=options["lr"])
     sampler, batch = data.sampler(), options["batch_size"]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     dtype = next(model.parameters()).dtype
     if name == "torchcfm":
         matcher = ExactOptimalTransportConditionalFlowMatcher(sigma=0.0)
@@ -196,7 +196,7 @@ def run_set(name: str, methods, args) -> list[dict]:
     for method in methods:
         if method == "fm+ml":
             continue  # measured right after "fm", on its model
-        torch.manual_seed(0)
+        torch.manual_seed(args.seed)
         model = build(recipe.flow_matching_spec() if method != "ml" else recipe.spec())
         row = {"set": name, "method": method}
         if method in ("ml", "fm"):
@@ -211,7 +211,7 @@ def run_set(name: str, methods, args) -> list[dict]:
                 print(f"{name} {method}: not installed (pip install -e '.[bench]'), skipped")
                 continue
             row["seconds"] = budget.get("fm", args.seconds)
-            row["iters"] = train_peer(method, recipe, model, data, row["seconds"])
+            row["iters"] = train_peer(method, recipe, model, data, row["seconds"], args.seed)
         rows.append(evaluated(row, recipe, model, test, tol, args))
         if method == "fm" and "fm+ml" in methods:
             finish = {"set": name, "method": "fm+ml"}
@@ -257,6 +257,7 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20000, help="2-D test points")
     parser.add_argument("--own-n", type=int, default=2000, help="points for Meta's likelihood")
     parser.add_argument("--tol", type=float, default=1e-6, help="2-D evaluation tolerance")
+    parser.add_argument("--seed", type=int, default=0, help="weights, batches and noise")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", help="also write the table to this markdown file")
     args = parser.parse_args()
