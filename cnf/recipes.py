@@ -253,6 +253,12 @@ class Recipe:
         from .continuous import CNFTransform
         from .models import build
 
+        if self.architecture == "multiscale":
+            raise ValueError(
+                "flow matching does not train the multiscale model: it factors channels out "
+                "between scales, so a straight path from noise to an image gives its inner "
+                "blocks no target; use the dense architecture (--architecture dense)"
+            )
         if settings.get("train_T"):
             raise ValueError("flow matching needs a fixed integration time: train_T=False")
         given = {k: v for k, v in settings.items() if v is not None}

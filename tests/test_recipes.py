@@ -195,6 +195,8 @@ def test_flow_matching_specs_fix_T_to_add_up_to_one():
     assert (moons["T"], moons["train_T"]) == (0.25, False)
     with pytest.raises(ValueError, match="fixed integration time"):
         recipes.get("moons").flow_matching_spec(train_T=True)
+    with pytest.raises(ValueError, match="does not train the multiscale model"):
+        recipes.get("digits", "multiscale").flow_matching_spec()
 
 
 def test_python_following_the_two_stages_trains_what_cnf_train_trains(tmp_path):
