@@ -48,8 +48,7 @@ from cnf.data import sample_tensor
 from cnf.models import build
 from cnf.settings import Call
 from cnf.training import fit
-from cnf.training.flow_matching import blockwise_velocity
-from cnf.transforms import Compose
+from cnf.training.flow_matching import block_space, blockwise_velocity, split_flow
 
 try:
     from torchcfm.conditional_flow_matching import ExactOptimalTransportConditionalFlowMatcher
@@ -65,15 +64,6 @@ except ImportError:  # pragma: no cover - optional peer
 
 METHODS = ("ml", "fm", "fm+ml", "torchcfm", "meta")
 SETS = ("8gaussians", "pinwheel", "checkerboard", "digits")
-
-
-def parts(model) -> tuple[list[nn.Module], list[CNFTransform]]:
-    """The data-side steps before the first CNF block, and the CNF blocks (data-to-base)."""
-    steps = (
-        list(model.transform.steps) if isinstance(model.transform, Compose) else [model.transform]
-    )
-    first = next(i for i, s in enumerate(steps) if isinstance(s, CNFTransform))
-    return steps[:first], [m for m in model.modules() if isinstance(m, CNFTransform)]
 
 
 class Velocity(nn.Module):
@@ -105,7 +95,7 @@ def train_cnf(recipe, stage: str, model, data, args) -> float:
 
 def train_peer(name: str, recipe, model, data, seconds: float, seed: int) -> int:
     """Train the model's fields with a peer's flow-matching loss for ``seconds``; iterations."""
-    prefix, blocks = parts(model)
+    _, blocks = split_flow(model)
     velocity = Velocity(blocks).train()
     options = recipe.fit_options("flow-matching")
     opt = torch.optim.Adam(velocity.parameters(), lr=options["lr"])
@@ -120,10 +110,7 @@ def train_peer(name: str, recipe, model, data, seconds: float, seed: int) -> int
     while (elapsed := time.perf_counter() - start) < seconds:
         for group in opt.param_groups:  # cosine over the time budget
             group["lr"] = options["lr"] * 0.5 * (1 + math.cos(math.pi * elapsed / seconds))
-        x1 = sampler(batch, g).to(dtype)
-        with torch.no_grad():
-            for step in prefix:
-                x1 = step.forward_and_logdet(x1, Call.make({})).z
+        _, x1 = block_space(model, sampler(batch, g).to(dtype))
         x0 = torch.randn(x1.shape, generator=g, dtype=dtype)
         if name == "torchcfm":
             t, xt, ut = matcher.sample_location_and_conditional_flow(x0, x1)
@@ -157,7 +144,8 @@ def score(recipe, model, test: torch.Tensor, tol: float) -> tuple[float, int, in
 
 def meta_likelihood(model, test: torch.Tensor, tol: float) -> float:
     """Meta's own likelihood routine on the model's field (2-D): mean NLL in nats."""
-    _, blocks = parts(model)
+    x = test.to(next(model.parameters()).dtype)
+    blocks, x = block_space(model, x)
     velocity = Velocity(blocks).eval()
 
     class Wrapped(ModelWrapper):
@@ -165,7 +153,6 @@ def meta_likelihood(model, test: torch.Tensor, tol: float) -> float:
             return self.model(t, x)
 
     solver = ODESolver(velocity_model=Wrapped(velocity))
-    x = test.to(next(model.parameters()).dtype)
 
     def log_p0(z):
         return -0.5 * z.square().sum(1) - 0.5 * z.shape[1] * math.log(2 * math.pi)

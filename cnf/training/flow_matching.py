@@ -50,9 +50,11 @@ from .objectives import Metric
 __all__ = [
     "TIME_DISTRIBUTIONS",
     "FlowMatching",
+    "block_space",
     "blockwise_velocity",
     "field_velocity",
     "ot_pairing",
+    "split_flow",
 ]
 
 TIME_DISTRIBUTIONS = ("uniform", "logit-normal")
@@ -150,6 +152,47 @@ def _check_times(blocks: list[CNFTransform]) -> None:
             f"(T = {spans}); build the model with T=1.0 (or T = 1/n for each of n blocks), "
             "train_T=False"
         )
+
+
+def split_flow(model: nn.Module) -> tuple[list[nn.Module], list[CNFTransform]]:
+    """The data-side steps and the CNF blocks of a flow that flow matching can train.
+
+    Checks that ``model`` (or the ``module`` a data-parallel wrapper keeps) is a
+    :class:`cnf.Flow` with a standard normal base whose transform is CNF blocks with fixed
+    ``T`` adding up to 1, after data-side steps without a solve and before reshapes.
+
+    Returns:
+        The data-side steps and the blocks, each in the data-to-base order.
+    """
+    flow = getattr(model, "module", model)  # DistributedDataParallel keeps it there
+    if not isinstance(flow, Flow):
+        raise ValueError(f"flow matching trains a cnf.Flow, got {type(flow).__name__}")
+    if not isinstance(flow.base, StandardNormal):
+        raise ValueError("flow matching draws base points from N(0, I): use the default base")
+    prefix, blocks = _split(flow.transform)
+    _check_times(blocks)
+    return prefix, blocks
+
+
+def block_space(model: nn.Module, batch: Tensor) -> tuple[list[CNFTransform], Tensor]:
+    """The CNF blocks of a flow (:func:`split_flow`), and ``batch`` in their space.
+
+    Args:
+        model: the flow.
+        batch: data points, ``(batch, *event_shape)``.
+
+    Returns:
+        The blocks in the data-to-base order, and the points where they start,
+        ``(batch, *block_shape)``: ``batch`` through the data-side steps, without gradients.
+    """
+    prefix, blocks = split_flow(model)
+    x = batch
+    if prefix:
+        call = Call.make({})
+        with torch.no_grad():
+            for step in prefix:  # data-side steps: fixed maps to the CNF space
+                x = step.forward_and_logdet(x, call).z
+    return blocks, x
 
 
 def field_velocity(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
@@ -260,17 +303,7 @@ class FlowMatching:
         self, model: nn.Module, batch: Tensor, generator: torch.Generator | None = None
     ) -> tuple[Tensor, dict[str, Metric]]:
         """The loss :math:`L` of ``batch`` ``(batch, *event_shape)`` and ``{"fm_loss": L}``."""
-        flow = getattr(model, "module", model)  # DistributedDataParallel keeps it there
-        if not isinstance(flow, Flow):
-            raise ValueError(f"flow matching trains a cnf.Flow, got {type(flow).__name__}")
-        if not isinstance(flow.base, StandardNormal):
-            raise ValueError("flow matching draws base points from N(0, I): use the default base")
-        prefix, blocks = _split(flow.transform)
-        _check_times(blocks)
-        x = batch
-        with torch.no_grad():
-            for step in prefix:  # data-side steps: fixed maps to the CNF space
-                x = step.forward_and_logdet(x, Call.make({})).z
+        blocks, x = block_space(model, batch)
         t, z = self.draw(x, generator)
         if self.coupling == "ot":
             z = ot_pairing(z, x, self.ot_block)
