@@ -24,13 +24,13 @@ probe), when the call asks for ``regularizers``.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .ode import solve
+from .ode._problem import positive
 from .settings import Call, SolverSettings, check_choice
 from .trace import divergence, sample_noise
 from .transforms.core import FlowOutput, Transform, check_event_shape, check_points
@@ -121,8 +121,7 @@ class CNFTransform(Transform):
         super().__init__()
         if not isinstance(field, nn.Module):
             raise ValueError("field must be an nn.Module (its parameters are what trains)")
-        if not (isinstance(T, (int, float)) and T > 0 and math.isfinite(T)):
-            raise ValueError(f"T must be a positive number, got {T!r}")
+        T = positive("T", T)
         shape = check_event_shape(event_shape)
         if settings is not None and setting_kwargs:
             raise ValueError("give settings or setting keywords, not both")
@@ -155,7 +154,14 @@ class CNFTransform(Transform):
         """``T`` as a 0-dim tensor with ``like``'s dtype and device."""
         if self.T_scale is None:
             return torch.full((), self.T0, dtype=like.dtype, device=like.device)
-        return self.T0 * self.T_scale.to(like.dtype).square()
+        T = self.T0 * self.T_scale.to(like.dtype).square()
+        if not bool(torch.isfinite(T)):
+            raise ValueError(
+                f"this block's learned T is {T.item()}: its parameter T_scale is not finite, "
+                "so the model's weights are broken (e.g. training diverged); load a good "
+                "checkpoint or build the model afresh"
+            )
+        return T
 
     def solve(self, y: Tensor, t: Tensor, call: Call, logdet: bool):
         """Integrate from ``t[0]`` to ``t[-1]`` starting at ``y``; a :class:`cnf.ode.Solution`.

@@ -47,6 +47,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 
 from .flow import CNF, Flow, StandardNormal
+from .ode._problem import positive
 from .settings import check_choice
 
 __all__ = [
@@ -82,16 +83,6 @@ def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
         raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     return int(value)
-
-
-def _check_positive(name: str, value) -> float:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int | float | np.integer | np.floating)
-        or not (math.isfinite(value) and value > 0)
-    ):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
-    return float(value)
 
 
 def _as_points(x, name: str) -> np.ndarray:
@@ -173,7 +164,7 @@ def density_grid(
         ValueError: for a model that is not a 2-D flow or a bad ``lim``, ``n`` or ``batch``.
     """
     _check_model(model)
-    lim = _check_positive("lim", lim)
+    lim = positive("lim", lim)
     n = _check_int("n", n, 2)
     batch = _check_int("batch", batch, 1)
     xx, yy, points = _grid(lim, n)
@@ -424,7 +415,7 @@ def plot_samples(
     """
     samples = _as_points(samples, "samples")
     data = None if data is None else _as_points(data, "data")
-    lim = _check_positive("lim", lim)
+    lim = positive("lim", lim)
     check_choice("kind", kind, ("hist", "scatter"))
     bins = _check_int("bins", bins, 1)
 
@@ -501,7 +492,7 @@ def plot_trajectories(
     n = _check_int("n", n, 1)
     seed = _check_int("seed", seed, 0)
     if lim is not None:
-        lim = _check_positive("lim", lim)
+        lim = positive("lim", lim)
     path, t = _paths(model, n, times, seed, solver_kw, direction="generative")
     return _trajectory_figure(path, t, lim, cmap)
 
@@ -604,9 +595,9 @@ def animate_flow(
     path = _gif_path(path)
     frames = _check_int("frames", frames, 2)
     n = _check_int("n", n, 1)
-    lim = _check_positive("lim", lim)
+    lim = positive("lim", lim)
     grid = _check_int("grid", grid, 2)
-    fps = _check_positive("fps", fps)
+    fps = positive("fps", fps)
     seed = _check_int("seed", seed, 0)
     dpi = _check_int("dpi", dpi, 1)
     batch = _check_int("batch", batch, 1)

@@ -21,7 +21,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -31,6 +30,7 @@ import torch
 from torch import Tensor
 
 from .ode import METHODS, adjoint_strategy
+from .ode._problem import positive  # the one rule for numeric settings
 from .trace import ESTIMATORS, NOISE_KINDS
 
 __all__ = ["CALL_KEYS", "Call", "SolverSettings"]
@@ -41,15 +41,6 @@ def check_choice(name: str, value, valid):
     if value not in valid:
         raise ValueError(f"unknown {name} {value!r}; choose one of {', '.join(map(str, valid))}")
     return value
-
-
-def _positive(name: str, value, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not ok or not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
-    return float(value)
 
 
 @dataclass(frozen=True)
@@ -95,10 +86,10 @@ class SolverSettings:
         if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
             raise ValueError(f"probes must be a positive int, got {probes!r}")
         put = object.__setattr__  # frozen: normalise the fields in place once
-        put(self, "rtol", _positive("rtol", self.rtol))
-        put(self, "atol", _positive("atol", self.atol))
-        put(self, "logp_rtol", _positive("logp_rtol", self.logp_rtol, optional=True))
-        put(self, "logp_atol", _positive("logp_atol", self.logp_atol, optional=True))
+        put(self, "rtol", positive("rtol", self.rtol))
+        put(self, "atol", positive("atol", self.atol))
+        put(self, "logp_rtol", positive("logp_rtol", self.logp_rtol, optional=True))
+        put(self, "logp_atol", positive("logp_atol", self.logp_atol, optional=True))
         strategy = self.adjoint
         if isinstance(strategy, bool) or self.adjoint_options is not None:
             enabled = strategy if isinstance(strategy, bool) else True

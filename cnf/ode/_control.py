@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._errors import SolverError
+from ._errors import SolverError, describe_non_finite
 from .tableaus import ButcherTableau
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "FixedSteps",
     "GridSteps",
     "PIController",
+    "check_finite_start",
     "check_step",
     "make_controller",
     "rms_norm",
@@ -52,7 +53,8 @@ class Config:
     consecutive sections (the tensors of a tuple state; ``y``, ``a`` of the adjoint): the error
     norm is the largest of the sections' RMS norms, so a small, tightly controlled section is
     not averaged away by a large one, and entries past the last section are left out of the
-    norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state.
+    norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state. ``parts``: the
+    shapes of a tuple state's tensors, so that errors can say where a value went non-finite.
     """
 
     tableau: ButcherTableau
@@ -70,6 +72,7 @@ class Config:
     icoeff: float = 0.65
     norm_sizes: tuple[int, ...] | None = None
     time_eps: float = 2.0**-52
+    parts: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -103,12 +106,14 @@ def _error_ratio(
         err = None
         for k, e in zip(ks, cfg.tableau.b_err):
             if e != 0.0:
+                # h inside the coefficients: the sum is then of the size of a step's change,
+                # which cannot overflow where sum_i e_i k_i alone does (stiff, fast fields)
                 kk = k if n is None else k[:n]
-                err = kk * e if err is None else torch.add(err, kk, alpha=e)
+                err = kk * (h * e) if err is None else torch.add(err, kk, alpha=h * e)
         y1_abs = (y1 if n is None else y1[:n]).abs()
         scale = torch.addcmul(cfg.atol, cfg.rtol, torch.maximum(y_abs, y1_abs))
         ratio = rms_norm(cfg, err.div_(scale))
-    return abs(h) * ratio, y1_abs
+    return ratio, y1_abs
 
 
 def _initial_step(
@@ -121,14 +126,17 @@ def _initial_step(
     with torch.no_grad():
         n = cfg.norm_size
         y, fy = (y0, f0) if n is None else (y0[:n], f0[:n])
-        scale = torch.addcmul(cfg.atol, cfg.rtol, y.abs())
-        d0 = rms_norm(cfg, y / scale)
-        d1 = rms_norm(cfg, fy / scale)
-        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5 or not math.isfinite(d0 / d1)) else 0.01 * d0 / d1
+        # the norms in float64: in float32, |f| ~ 1e20 overflows the sum of squares
+        scale = torch.addcmul(cfg.atol, cfg.rtol, y.abs()).double()
+        d0 = rms_norm(cfg, y.double() / scale)
+        d1 = rms_norm(cfg, fy.double() / scale)
+        h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
+        if not h0 > 0:  # d1 so large that the ratio underflows: start as small as time allows
+            h0 = 64 * cfg.time_eps * max(abs(t0), span)
         h0 = min(h0, span)
         f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
         f1 = f1 if n is None else f1[:n]
-        d2 = rms_norm(cfg, (f1 - fy) / scale) / h0
+        d2 = rms_norm(cfg, (f1.double() - fy.double()) / scale) / h0
     dmax = max(d1, d2)
     if not math.isfinite(dmax):
         h1 = h0 * 1e-3
@@ -146,9 +154,15 @@ def _toward(t: float, h: float, t_end: float, direction: float) -> tuple[float, 
     return h, t + h
 
 
-def check_step(cfg: Config, t: float, h: float, t_next: float) -> None:
-    """Refuse a step too small for the time's precision to tell ``t`` and ``t + h`` apart."""
+def check_step(cfg: Config, t: float, h: float, t_next: float, failure=None) -> None:
+    """Refuse a step too small for the time's precision to tell ``t`` and ``t + h`` apart.
+
+    ``failure``: the non-finite stage that made the last steps fail (:class:`NonFinite`), which
+    the error then names instead of guessing at a blow-up or stiffness.
+    """
     if abs(h) <= cfg.time_eps * max(abs(t), abs(t_next)) * 4 or t_next == t:
+        if failure is not None:
+            raise failure.error(cfg, f"every step from t={t:.17g} down to h={abs(h):.3g}", h)
         raise SolverError(
             f"step size underflow at t={t:.17g} (h={h:.3g}): the solution may blow up "
             "near this time or the problem is too stiff for an explicit method; check the "
@@ -156,6 +170,50 @@ def check_step(cfg: Config, t: float, h: float, t_next: float) -> None:
             t=t,
             step_size=h,
         )
+
+
+class NonFinite:
+    """A step with a non-finite error estimate: the first non-finite stage's time and values.
+
+    ``values`` is None when every stage was finite and only the step's sum or its error
+    estimate overflowed.
+    """
+
+    def __init__(self, tab: ButcherTableau, ks: list[Tensor], t: float, h: float) -> None:
+        self.t, self.values = t + h, None
+        for k, c in zip(ks, tab.c):
+            if not bool(torch.isfinite(k).all()):
+                self.t, self.values = t + c * h, k
+                break
+
+    def error(self, cfg: Config, tried: str, h: float) -> SolverError:
+        """The error that names the time, the entries and the likely cause."""
+        if self.values is None:
+            return SolverError(
+                f"the solution overflows near t={self.t:.17g} ({tried}): it may blow up near "
+                "this time; check the vector field or shorten the time span",
+                t=self.t,
+                step_size=h,
+            )
+        where = describe_non_finite(self.values, cfg.parts)
+        if where.startswith("NaN"):
+            cause = (
+                "the vector field produces NaN there (e.g. a log or square root of a negative "
+                "number, 0/0, or NaN weights): check it at that time and state"
+            )
+        else:
+            cause = "the solution overflows: it may blow up near this time"
+        return SolverError(
+            f"func(t, y) returned {where} at t={self.t:.17g} ({tried}); {cause}",
+            t=self.t,
+            step_size=h,
+        )
+
+
+def check_finite_start(cfg: Config, k0: Tensor, t: float) -> None:
+    """Refuse a solve whose very first evaluation ``f(t0, y0)`` is not finite."""
+    if not bool(torch.isfinite(k0).all()):
+        raise NonFinite(cfg.tableau, [k0], t, 0.0).error(cfg, "at the initial state", 0.0)
 
 
 class PIController:
@@ -184,6 +242,7 @@ class PIController:
         self.beta1 = (cfg.pcoeff + cfg.icoeff) * exponent
         self.beta2 = cfg.pcoeff * exponent
         self.prev_ratio = 1.0
+        self.failure: NonFinite | None = None  # why the steps since the last accepted failed
         n = cfg.norm_size
         with torch.no_grad():
             self.y_abs = (y0 if n is None else y0[:n]).abs()
@@ -203,6 +262,9 @@ class PIController:
         ratio, y1_abs = _error_ratio(cfg, ks, self.y_abs, y1, h)
         accepted = ratio <= 1.0
         if not math.isfinite(ratio):
+            self.failure = NonFinite(cfg.tableau, ks, t, h)
+            if self.failure.values is ks[0]:  # f(t, y) at an accepted point: no step can help
+                raise self.failure.error(cfg, "at a point the solve had reached", h)
             factor = cfg.dfactor
         elif ratio == 0.0:
             factor = cfg.ifactor
@@ -214,6 +276,8 @@ class PIController:
         h_new = min(abs(h) * factor, cfg.max_step)
         if not accepted:
             if h_new < cfg.min_step:
+                if not math.isfinite(ratio):
+                    raise self.failure.error(cfg, f"steps down to min_step={cfg.min_step:g}", h)
                 raise SolverError(
                     f"step size {h_new:.3g} at t={t:.17g} fell below min_step="
                     f"{cfg.min_step:g} (error ratio {ratio:.3g}); loosen rtol/atol or lower "
@@ -223,6 +287,7 @@ class PIController:
                 )
             self.h = h_new
             return False
+        self.failure = None
         self.prev_ratio = max(ratio, 1e-4)  # a tiny ratio would make the next step explode
         self.h = max(h_new, cfg.min_step)
         self.y_abs = y1_abs

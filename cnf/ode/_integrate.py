@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ._control import Config, check_step, make_controller
-from ._errors import SolverError
+from ._control import Config, check_finite_start, check_step, make_controller
+from ._errors import SolverError, describe_non_finite
 from ._output import Outputs, Record, RecordedOutputs
 from ._rk import rk_step
 
@@ -69,10 +69,11 @@ def integrate(
 
     t, y = ts[0], y0
     k0 = rhs(t, y)
+    check_finite_start(cfg, k0, t)
     control = make_controller(cfg, rhs, t, y, k0, ts[-1])
     while not out.done:
         h, t_next = control.propose(t, out.next_time)
-        check_step(cfg, t, h, t_next)
+        check_step(cfg, t, h, t_next, getattr(control, "failure", None))
         y1, ks = rk_step(rhs, tab, t, y, k0, h)
         if not control.accept(ks, y1, h, t):
             counts.n_rejected += 1
@@ -88,7 +89,7 @@ def integrate(
     # Adaptive steps reject non-finite error estimates; this also catches fixed steps that
     # overflowed (and the exotic adaptive case of a finite estimate with an overflowing sum).
     if not bool(torch.isfinite(out.ys[-1]).all()):
-        raise _not_finite(cfg, ts[-1], h)
+        raise _not_finite(cfg, ts, out.ys, h)
     return out.ys, counts
 
 
@@ -102,14 +103,18 @@ def _too_many_steps(cfg: Config, t: float, h: float, t_end: float) -> SolverErro
     )
 
 
-def _not_finite(cfg: Config, t_end: float, h: float) -> SolverError:
+def _not_finite(cfg: Config, ts: list[float], ys: list[Tensor], h: float) -> SolverError:
+    """The solution went non-finite: name the first output time where it is, and where."""
+    first = next(i for i, y in enumerate(ys) if not bool(torch.isfinite(y).all()))
+    where = describe_non_finite(ys[first], cfg.parts)
     advice = (
-        "check the vector field for a finite-time blow-up"
+        "check the vector field for a finite-time blow-up or NaN"
         if cfg.adaptive
         else "reduce the step size or use an adaptive method"
     )
     return SolverError(
-        f"the solution is not finite at t={t_end:g} (last step {abs(h):.3g}); {advice}",
-        t=t_end,
+        f"the solution is not finite at t={ts[first]:g} ({where}; last step {abs(h):.3g}); "
+        f"{advice}",
+        t=ts[first],
         step_size=h,
     )

@@ -10,6 +10,7 @@ operation's overhead counts); a tuple state is concatenated into one flat vector
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 
@@ -24,8 +25,10 @@ __all__ = [
     "State",
     "check_adjoint_params",
     "check_options",
+    "check_precision",
     "get_tableau",
     "make_config",
+    "number",
     "positive",
     "tolerance_vector",
 ]
@@ -45,14 +48,33 @@ _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {
 }
 
 
-def positive(name: str, value) -> float:
-    """``value`` as a positive, finite float; a ``ValueError`` naming ``name`` otherwise."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a positive number, got {value!r}") from None
+def number(name: str, value) -> float:
+    """``value`` as a float if it is a real number; a ``ValueError`` naming ``name`` otherwise.
+
+    The one rule for numeric settings across the package: ints, floats, numpy scalars and
+    one-element real tensors are numbers; strings and bools are not (``"1e-3"`` is refused rather
+    than parsed, so that a setting read from a file fails where it is read, not deep in a solve).
+    """
+    if isinstance(value, Tensor) and value.numel() == 1 and value.dtype != torch.bool:
+        if not (value.is_floating_point() or value.dtype in _INT_DTYPES):
+            raise ValueError(f"{name} must be a real number, got a {value.dtype} tensor")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        hint = " (write it without quotes)" if isinstance(value, str) else ""
+        raise ValueError(f"{name} must be a number, got {value!r}{hint}")
+    return float(value)
+
+
+_INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+
+
+def positive(name: str, value, *, optional: bool = False) -> float | None:
+    """``value`` as a positive, finite float (see :func:`number`); None passes if ``optional``."""
+    if value is None and optional:
+        return None
+    value = number(name, value)
     if not (value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be positive and finite, got {value!r}")
+        raise ValueError(f"{name} must be a positive, finite number, got {value!r}")
     return value
 
 
@@ -102,14 +124,11 @@ def _option_value(key: str, value):
         return value
     if key not in ("min_step", "max_step", "pcoeff"):
         return positive(name, value)
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number, got {value!r}") from None
+    number_ = number(name, value)
     # min_step and pcoeff may be zero, max_step infinite.
-    if not (number > 0 if key == "max_step" else number >= 0):
+    if not (number_ > 0 if key == "max_step" else number_ >= 0):
         raise ValueError(f"{name} must be {'> 0' if key == 'max_step' else '>= 0'}, got {value!r}")
-    return number
+    return number_
 
 
 def make_config(
@@ -120,6 +139,7 @@ def make_config(
     *,
     time_eps: float,
     norm_sizes: tuple[int, ...] | None = None,
+    parts: tuple[tuple[int, ...], ...] | None = None,
 ) -> Config:
     """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
     tab = get_tableau(method)
@@ -127,9 +147,41 @@ def make_config(
     if norm_sizes is not None:  # the error norm only reads the leading entries
         atol, rtol = atol[: sum(norm_sizes)], rtol[: sum(norm_sizes)]
     return replace(
-        Config(tableau=tab, atol=atol, rtol=rtol, time_eps=time_eps, norm_sizes=norm_sizes),
+        Config(
+            tableau=tab,
+            atol=atol,
+            rtol=rtol,
+            time_eps=time_eps,
+            norm_sizes=norm_sizes,
+            parts=parts,
+        ),  # fmt: skip
         **options,
     )
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def check_precision(name: str, x: Tensor) -> None:
+    """Refuse tensors the solver cannot control its error in: meta, integer, half precision.
+
+    Half precision is refused rather than solved: float16's rounding (about 1e-3) is above any
+    useful tolerance, so error control cannot hold it and the answer comes out wrong without a
+    word, and bfloat16 rounds small steps ``y + h k`` back to ``y``, so the state never moves.
+    """
+    if x.device.type == "meta":
+        raise ValueError(
+            f"{name} is a meta tensor (a shape without values); the solver needs values: "
+            "create it on 'cpu' or 'cuda'"
+        )
+    if x.dtype in _HALF:
+        raise ValueError(
+            f"{name} is {x.dtype}: the solver's error control needs float32 or float64 (half "
+            f"precision rounds away the steps it controls); pass {name}.float()"
+            + (" (and a model in float32: model.float())" if name != "t" else "")
+        )
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be floating point (float32 or float64), got {x.dtype}")
 
 
 def _check_times(t) -> tuple[Tensor, list[float]]:
@@ -145,6 +197,7 @@ def _check_times(t) -> tuple[Tensor, list[float]]:
         )
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
+    check_precision("t", t)
     ts = t.detach().tolist()
     if not all(math.isfinite(x) for x in ts):
         raise ValueError("t contains NaN or Inf")
@@ -195,8 +248,7 @@ class Problem:
         if not parts or not all(isinstance(p, Tensor) for p in parts):
             raise ValueError("y0 must be a tensor or a non-empty tuple of tensors")
         first = parts[0]
-        if not first.is_floating_point():
-            raise ValueError(f"y0 must be floating point (float32 or float64), got {first.dtype}")
+        check_precision("y0", first)
         for p in parts[1:]:
             if p.dtype != first.dtype or p.device != first.device:
                 raise ValueError(
@@ -220,9 +272,11 @@ class Problem:
 
     def config(self, method: str, options: dict | None) -> Config:
         sizes = tuple(self.sizes) if self.is_tuple and len(self.sizes) > 1 else None
+        parts = tuple(tuple(s) for s in self.shapes) if self.is_tuple else None
         return make_config(
-            method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes
-        )
+            method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes,
+            parts=parts,
+        )  # fmt: skip
 
     def unflatten(self, ys: Tensor) -> State:
         """Stacked states ``(T, *y0.shape)`` back to the user's structure, each ``(T, *shape)``."""

@@ -158,12 +158,25 @@ def solve(
     problem = Problem(func, y0, t, rtol, atol)
     config = problem.config(method, options)
     strategy = to_strategy(adjoint, adjoint_options, adjoint_rtol, adjoint_atol, adjoint_method)
+    if problem.y0.numel() == 0:
+        return _empty_solve(problem)
     if strategy is None:
         if adjoint_params is not None:
             raise ValueError("adjoint_params only apply to adjoint solves; pass adjoint=True")
         return _plain_solve(problem, config)
     params = check_adjoint_params(func, adjoint_params)
     return _adjoint_solve(AdjointSolve(problem, config, strategy, params))
+
+
+def _empty_solve(problem: Problem) -> Solution:
+    """A state without entries (an empty batch) stays empty: ``len(t)`` copies, no work.
+
+    The copies stay connected to ``y0`` and ``t`` for autograd (with zero gradients).
+    """
+    ys = problem.y0.unsqueeze(0).expand(len(problem.ts), *problem.y0.shape)
+    if problem.t.requires_grad:
+        ys = ys + 0 * problem.t.sum().to(ys.dtype)
+    return Solution(problem.unflatten(ys.clone()), SolverStats())
 
 
 def _adjoint_solve(adjoint: AdjointSolve) -> Solution:

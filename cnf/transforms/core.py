@@ -118,7 +118,7 @@ def check_points(x, shape: torch.Size, name: str, like: Tensor | None = None) ->
     if like is not None and (x.dtype != like.dtype or x.device != like.device):
         raise ValueError(
             f"{name} is {x.dtype} on {x.device} but the model is {like.dtype} on {like.device}; "
-            f"move one to the other (e.g. model.to({name}.dtype) or {name}.to(device))"
+            f"convert it: {name}.to(dtype={like.dtype}, device='{like.device}')"
         )
     if x.is_floating_point() and not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or Inf")
