@@ -135,7 +135,7 @@ class MultiscaleTransform(Transform):
             for step in steps:
                 total = total.then(step.forward_and_logdet(total.z, call))
             if i < self.scales - 1:
-                kept, out = total.z.chunk(2, dim=1)  # the second half leaves for the base
+                kept, out = _halves(total.z)  # the second half leaves for the base
                 factored.append(out)
                 total.z = kept
         # pack the latent in the data's shape: undo every split and squeeze
@@ -146,7 +146,7 @@ class MultiscaleTransform(Transform):
     def inverse_and_logdet(self, z: Tensor, call: Call) -> FlowOutput:
         factored = []
         for squeeze in self.squeezes:
-            z, out = squeeze.forward_and_logdet(z, call).z.chunk(2, dim=1)
+            z, out = _halves(squeeze.forward_and_logdet(z, call).z)
             factored.append(out)
         total = FlowOutput.identity(z)
         for i in reversed(range(self.scales)):
@@ -160,6 +160,12 @@ class MultiscaleTransform(Transform):
             total = total.then(self.logit.inverse_and_logdet(total.z, call))
         return total
 
+
+
+def _halves(z: Tensor) -> tuple[Tensor, Tensor]:
+    """The channel halves of ``(batch, C, H, W)`` (``split``: ``chunk`` of an empty batch
+    returns one piece, not two)."""
+    return z.split(z.shape[1] // 2, dim=1)
 
 class MultiscaleCNF(Flow):
     r"""FFJORD's multiscale continuous normalizing flow on images (see the module docstring).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,31 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _deadline(request):
+    """``@pytest.mark.deadline(seconds)``: the test fails with a TimeoutError past ``seconds``.
+
+    For the bad-input tests, which must end in an answer or an error, never hang. A SIGALRM
+    interrupts Python code (a solver's step loop) between bytecodes; it is main-thread only.
+    """
+    mark = request.node.get_closest_marker("deadline")
+    if mark is None or not hasattr(signal, "SIGALRM"):
+        yield
+        return
+    seconds = mark.args[0]
+
+    def expire(signum, frame):
+        raise TimeoutError(f"the test ran past its {seconds} s deadline: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 @pytest.fixture

@@ -195,6 +195,8 @@ def _check_times(t) -> tuple[Tensor, list[float]]:
             f"t must be a non-empty 1-D tensor of times, got shape {tuple(t.shape)}; "
             "pass torch.tensor([t0, t1]) for a single interval"
         )
+    if t.is_complex():
+        raise ValueError(f"t must hold real times, got {t.dtype}")
     if not t.is_floating_point():
         t = t.to(torch.get_default_dtype())
     check_precision("t", t)

@@ -145,7 +145,13 @@ class Squeeze(Transform):
         return f"{tuple(self.in_shape)} -> {tuple(self.out_shape)}"
 
     def forward_and_logdet(self, x: Tensor, call: Call) -> FlowOutput:
-        return FlowOutput.identity(F.pixel_unshuffle(x, 2))
+        return FlowOutput.identity(_shuffled(F.pixel_unshuffle, x, self.out_shape))
 
     def inverse_and_logdet(self, z: Tensor, call: Call) -> FlowOutput:
-        return FlowOutput.identity(F.pixel_shuffle(z, 2))
+        return FlowOutput.identity(_shuffled(F.pixel_shuffle, z, self.in_shape))
+
+
+def _shuffled(shuffle, x: Tensor, shape: torch.Size) -> Tensor:
+    """``shuffle(x, 2)``, shaped ``(batch, *shape)`` for an empty batch too (torch 2.x returns an
+    empty input unchanged, in the old shape)."""
+    return shuffle(x, 2) if x.shape[0] else x.reshape(0, *shape)
