@@ -81,9 +81,7 @@ def _sample_shape(n) -> tuple[int, ...]:
     else:
         shape = None
     if not shape or not all(_is_int(s) and s >= 0 for s in shape):
-        raise ValueError(
-            f"the number of samples must be an int >= 0 or a shape of them, got {n!r}"
-        )
+        raise ValueError(f"the number of samples must be an int >= 0 or a shape of them, got {n!r}")
     return shape
 
 

@@ -161,11 +161,11 @@ class MultiscaleTransform(Transform):
         return total
 
 
-
 def _halves(z: Tensor) -> tuple[Tensor, Tensor]:
     """The channel halves of ``(batch, C, H, W)`` (``split``: ``chunk`` of an empty batch
     returns one piece, not two)."""
     return z.split(z.shape[1] // 2, dim=1)
+
 
 class MultiscaleCNF(Flow):
     r"""FFJORD's multiscale continuous normalizing flow on images (see the module docstring).

@@ -29,6 +29,7 @@ def test_the_deadline_ends_a_hang():
         while True:
             pass
 
+
 T01 = torch.tensor([0.0, 1.0])
 F64 = torch.float64
 
