@@ -266,10 +266,16 @@ def test_unknown_name_lists_valid_ones():
         density("pinwheel")
 
 
-@pytest.mark.parametrize("n", [0, -3, 2.5, 10.0, True, "10", None])
+@pytest.mark.parametrize("n", [-3, 2.5, 10.0, True, "10", None])
 def test_bad_n(n):
-    with pytest.raises(ValueError, match="positive int"):
+    with pytest.raises(ValueError, match="an int >= 0"):
         sample("moons", n)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_points_are_an_empty_array(name):
+    """As a model's sample(0): empty results, not an error."""
+    assert sample(name, 0).shape == (0, 2)
 
 
 @pytest.mark.parametrize("seed", [-1, 1.5, "0", True, np.random.RandomState(0)])

@@ -225,6 +225,8 @@ def _read_idx(path: Path, ndim: int, help_text: str) -> np.ndarray:
     except (OSError, EOFError, zlib.error) as err:  # bad gzip: OSError; truncated gzip: EOF
         raise ValueError(f"cannot read {path} ({err}); {help_text}") from err
 
+    if not data:
+        raise ValueError(f"{path} is empty (0 bytes): an interrupted download? {help_text}")
     magic = int.from_bytes(data[:4], "big")
     expected = (_IDX_UBYTE << 8) | ndim
     if magic != expected:
@@ -240,6 +242,8 @@ def _read_idx(path: Path, ndim: int, help_text: str) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(data, dtype=">i4", count=ndim, offset=4))
     if min(shape) < 0:
         raise ValueError(f"{path} has negative dimensions {shape} in its header; {help_text}")
+    if shape[0] == 0:
+        raise ValueError(f"{path} holds no entries (its header says 0); {help_text}")
     size = math.prod(shape)
     if len(data) != header + size:
         raise ValueError(

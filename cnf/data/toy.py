@@ -165,8 +165,8 @@ def _check_name(name: str) -> None:
 
 
 def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
-        raise ValueError(f"n is the number of points to draw and must be a positive int, got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
+        raise ValueError(f"n is the number of points to draw and must be an int >= 0, got {n!r}")
 
 
 def _as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
