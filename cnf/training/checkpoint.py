@@ -182,6 +182,11 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
         CheckpointError: the file is missing, truncated, corrupt or not a cnf checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"no checkpoint at {path}: it is a folder; give the file in it (e.g. "
+            f"{path / 'last.pt'})"
+        )
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train first or check the path")
     try:
