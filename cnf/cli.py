@@ -670,6 +670,12 @@ def _train_parser(sub) -> None:
     t.add_argument("--out", help="output folder (default runs/<data>)")
     _model_flags(t)
     _training_flags(t)
+    _run_flags(t)
+    t.set_defaults(func=cmd_train)
+
+
+def _run_flags(t: argparse.ArgumentParser) -> None:
+    """The flags of how ``cnf train`` runs: evaluation size, checkpoints, device, output."""
     t.add_argument(
         "--eval-n",
         type=_POSITIVE,
@@ -692,7 +698,6 @@ def _train_parser(sub) -> None:
     t.add_argument("--no-plot", action="store_true", help="write no pictures after training")
     t.add_argument("--no-gif", action="store_true", help="no animation of the flow (2-D data)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
-    t.set_defaults(func=cmd_train)
 
 
 DEVICE_HELP = "cpu, cuda, cuda:N, ... (default: auto, a GPU when torch sees one)"
@@ -749,59 +754,33 @@ def _model_flags(t: argparse.ArgumentParser) -> None:
     )
 
 
+FIT_FLAGS = (
+    ("--iters", _POSITIVE, "training iterations", True),
+    ("--batch-size", _POSITIVE, "points per iteration", True),
+    ("--lr", _RATE, "Adam's learning rate", True),
+    ("--weight-decay", _WEIGHT, "AdamW's weight decay; 0: Adam", False),
+    ("--schedule", ("constant", "cosine"), "learning-rate schedule", False),
+    ("--clip-grad", _RATE, "clip the gradients' norm to this", False),
+    ("--kinetic", _WEIGHT, "RNODE kinetic-energy weight", False),
+    ("--jacobian", _WEIGHT, "RNODE Jacobian-norm weight", False),
+    ("--ema", _decay, "EMA decay of the weights; 0 turns it off", False),
+    ("--eval-every", _COUNT, "iterations between held-out scores; 0: only at the end", True),
+)
+"""The flags that set a keyword of ``fit``: type (or choices), what it does, and whether flow
+matching has its own default."""
+
+
 def _training_flags(t: argparse.ArgumentParser) -> None:
-    t.add_argument(
-        "--iters", type=_POSITIVE, help="training iterations (" + _fit_default("iters", True) + ")"
-    )
-    t.add_argument(
-        "--batch-size",
-        type=_POSITIVE,
-        help="points per iteration (" + _fit_default("batch_size", True) + ")",
-    )
-    t.add_argument(
-        "--lr", type=_RATE, help="Adam's learning rate (" + _fit_default("lr", True) + ")"
-    )
-    t.add_argument(
-        "--weight-decay",
-        type=_WEIGHT,
-        help="AdamW's weight decay; 0: Adam (" + _fit_default("weight_decay") + ")",
-    )
-    t.add_argument(
-        "--schedule",
-        choices=("constant", "cosine"),
-        help="learning-rate schedule (" + _fit_default("schedule") + ")",
-    )
-    t.add_argument(
-        "--clip-grad",
-        type=_RATE,
-        help="clip the gradients' norm to this (" + _fit_default("clip_grad") + ")",
-    )
-    t.add_argument(
-        "--kinetic",
-        type=_WEIGHT,
-        help="RNODE kinetic-energy weight (" + _fit_default("kinetic") + ")",
-    )
-    t.add_argument(
-        "--jacobian",
-        type=_WEIGHT,
-        help="RNODE Jacobian-norm weight (" + _fit_default("jacobian") + ")",
-    )
-    t.add_argument(
-        "--ema",
-        type=_decay,
-        help="EMA decay of the weights; 0 turns it off (" + _fit_default("ema") + ")",
-    )
-    t.add_argument(
-        "--eval-every",
-        type=_COUNT,
-        help="iterations between held-out scores; 0: "
-        "only at the end (" + _fit_default("eval_every", True) + ")",
-    )
+    for flag, kind, what, flow_matching in FIT_FLAGS:
+        key = flag[2:].replace("-", "_")
+        typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        t.add_argument(flag, **typed, help=f"{what} ({_fit_default(key, flow_matching)})")
     t.add_argument(
         "--draws",
         type=_POSITIVE,
-        help="dequantization draws per validation "
-        "(images; default: " + _by_data(lambda r: r.evaluation.draws) + ")",
+        help="dequantization draws per validation (images; default: "
+        + _by_data(lambda r: r.evaluation.draws)
+        + ")",
     )
     t.add_argument(
         "--translate",
@@ -812,7 +791,6 @@ def _training_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--seed", type=int, help="seed of the initial weights, batches and noise (default: 0)"
     )
-
     _objective_flags(t)
 
 
