@@ -393,7 +393,11 @@ class Trainer:
     def _stop(self, what: str, cause: Exception | None = None, changed: bool = False) -> None:
         """Raise the :class:`TrainingError` of ``what``, saying where the last good weights are
         (``changed``: the failing step had already changed the weights in memory)."""
-        when = "after the weights became unusable" if changed else "before the weights changed"
+        when = (
+            "after its step made the weights unusable"
+            if changed
+            else "before this step changed the weights"
+        )
         saved = self.checkpoints.saved if self.checkpoints is not None else None
         if saved is not None:
             kept = f"the last good checkpoint is {self.checkpoints.last} (iteration {saved})"
