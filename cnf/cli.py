@@ -679,7 +679,7 @@ def _run_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument(
         "--eval-n",
         type=_POSITIVE,
-        help="held-out points scored during training (" + _fit_default_part("val") + ")",
+        help="held-out points scored during training (" + _part_size_default("val") + ")",
     )
     t.add_argument(
         "--checkpoint-every",
@@ -703,11 +703,13 @@ def _run_flags(t: argparse.ArgumentParser) -> None:
 DEVICE_HELP = "cpu, cuda, cuda:N, ... (default: auto, a GPU when torch sees one)"
 
 
-def _fit_default_part(part: str) -> str:
+def _part_size_default(part: str) -> str:
+    """The help's default size of a held-out part, per data set (images: the whole part)."""
     return "default: " + _by_data(lambda recipe: recipe.split.sizes.get(part, "all"))
 
 
 def _pictures_default() -> str:
+    """The help's default number of samples in the pictures, per kind of data."""
     kinds = {"toy2d": "2-D", "image": "image"}
     return ", ".join(f"{n} for {kinds[kind]} data" for kind, (_, n) in PICTURES.items())
 
