@@ -14,19 +14,23 @@ A checkpoint is a plain dictionary of tensors, numbers, strings and lists, read 
 ``"history"``             :meth:`History.to_dict`
 ``"iteration"``           iterations done
 ``"seed"``                the run's seed
+``"settings"``            the :func:`fit` settings a resume must match (``iters``, ``lr``, ...)
 anything else             ``extra_state`` of :func:`fit` (the CLI: ``"spec"``, ``"data"``, ...)
 ========================  ===================================================================
 
 Checkpoints without ``"format"`` come from older versions of cnf: their ``"ema"`` is a
 ``torch.optim.swa_utils.AveragedModel`` state (``"module.<name>"`` keys and ``"n_averaged"``),
 and their weights may carry the parameter names of an older model layout. :func:`upgrade`
-turns them into format 2.
+turns them into format 2. Checkpoints written before ``"settings"`` existed are read as they are
+(a resume then has nothing to compare its settings with).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,9 +48,12 @@ __all__ = [
     "RESERVED_KEYS",
     "CheckpointError",
     "build_from_state",
+    "check_folder",
+    "check_weights",
     "load",
     "load_checkpoint",
     "load_weights",
+    "remove_stale_temporaries",
     "restore_training",
     "save_checkpoint",
     "training_state",
@@ -66,8 +73,13 @@ RESERVED_KEYS = (
     "history",
     "iteration",
     "seed",
+    "settings",
 )
 """Keys the training loop writes; ``extra_state`` may not use them."""
+
+STALE_SECONDS = 60.0
+"""Age after which a temporary file of :func:`save_checkpoint` counts as left by a killed write:
+a live write renews its file's modification time far more often than this."""
 
 WEIGHTS = ("ema", "raw")
 """Choices of :func:`load`'s ``weights``."""
@@ -102,6 +114,60 @@ def save_checkpoint(path: str | os.PathLike, state: Mapping[str, Any]) -> None:
         raise
 
 
+def remove_stale_temporaries(
+    path: str | os.PathLike, older_than: float = STALE_SECONDS
+) -> list[Path]:
+    """Delete the temporary files that killed writes of :func:`save_checkpoint` left beside
+    ``path`` (``<name>.XXXXXXXX.tmp``), when untouched for ``older_than`` seconds.
+
+    A ``SIGKILL`` during a write gives ``save_checkpoint`` no chance to clean up; the age spares
+    the file of a write still in progress in another process.
+
+    Returns:
+        The files removed.
+    """
+    path = Path(path)
+    pattern = re.compile(re.escape(path.name) + r"\.[a-z0-9_]{8}\.tmp")
+    if not path.parent.is_dir():
+        return []
+    removed, now = [], time.time()
+    for candidate in path.parent.iterdir():
+        if not pattern.fullmatch(candidate.name) or not candidate.is_file():
+            continue
+        try:
+            if now - candidate.stat().st_mtime >= older_than:
+                candidate.unlink()
+                removed.append(candidate)
+        except FileNotFoundError:  # another process cleaned it up first
+            continue
+    return removed
+
+
+def check_folder(folder: str | os.PathLike, what: str = "checkpoint_dir") -> Path:
+    """Make sure files can be written in ``folder`` (it may not exist yet), before any work.
+
+    Args:
+        folder: the folder to write in.
+        what: how to name it in messages (a keyword or a flag).
+
+    Returns:
+        ``folder`` as a :class:`Path`.
+
+    Raises:
+        ValueError: ``folder`` is a file, lies under a file, or cannot be written.
+    """
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"lies under the file {existing}"
+        raise ValueError(f"{what} {folder} {where}; choose a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {folder}: no permission to write in {existing}; choose another")
+    return folder
+
+
 def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any]:
     """Read a checkpoint as it is on disk (``weights_only=True``), in any format.
 
@@ -116,19 +182,39 @@ def load_checkpoint(path: str | os.PathLike, map_location=None) -> dict[str, Any
         CheckpointError: the file is missing, truncated, corrupt or not a cnf checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(
+            f"no checkpoint at {path}: it is a folder; give the file in it (e.g. "
+            f"{path / 'last.pt'})"
+        )
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}; train first or check the path")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # torch.load fails in many ways on damaged files (empty: IndexError)
-        first = (str(exc).splitlines() or [""])[0][:200]
-        raise CheckpointError(
-            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {first}); "
-            "delete it, or resume from an older copy"
-        ) from None
+        raise CheckpointError(_unreadable(path, exc)) from None
     if not isinstance(state, dict) or "model" not in state or "iteration" not in state:
         raise CheckpointError(f"{path} is not a cnf training checkpoint (no model/iteration)")
     return state
+
+
+def _unreadable(path: Path, exc: Exception) -> str:
+    """Why ``torch.load`` could not read ``path``, in full, as one line."""
+    message = str(exc)
+    if message.startswith("Weights only load failed"):
+        # torch's first paragraph proposes weights_only=False; give the reason and the risk only
+        reason = " ".join(p.strip() for p in re.split(r"\n\s*\n", message)[1:] if p.strip())
+        return (
+            f"checkpoint {path} is truncated or corrupt, or holds objects other than tensors and "
+            f"plain data (not a file cnf wrote): {reason or message} cnf reads checkpoints with "
+            "weights_only=True because loading such a file with weights_only=False can run "
+            "arbitrary code hidden in it. Delete it, or resume from an older copy"
+        )
+    reason = " ".join(message.split()) or "no details"
+    return (
+        f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {reason}); delete "
+        "it, or resume from an older copy"
+    )
 
 
 def upgrade(state: Mapping[str, Any], model: nn.Module, source: str = "checkpoint") -> dict:
@@ -185,13 +271,38 @@ def _rename_by_position(weights: Mapping[str, Tensor], model: nn.Module, source:
 
 def load_weights(model: nn.Module, weights: Mapping[str, Tensor], source: str = "checkpoint"):
     """``model.load_state_dict(weights)`` (strict), with a :class:`CheckpointError` on mismatch."""
+    check_weights(weights, source)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
+        reason = " ".join(str(exc).split())
         raise CheckpointError(
-            f"the weights in {source} do not fit the model ({str(exc).splitlines()[0]}); "
-            "build the model with the settings that trained it"
+            f"the weights in {source} do not fit the model ({reason}); build the model with the "
+            "settings that trained it"
         ) from None
+
+
+def check_weights(weights: Mapping[str, Any], source: str = "checkpoint", what: str = "") -> None:
+    """Refuse weights with NaN or Inf entries: a model built from them cannot be solved.
+
+    Args:
+        weights: a ``state_dict``.
+        source: how to name the checkpoint in messages.
+        what: which weights they are, e.g. ``"averaged "``.
+
+    Raises:
+        CheckpointError: naming the first tensor that is not finite.
+    """
+    for name, tensor in weights.items():
+        if not isinstance(tensor, Tensor) or not tensor.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(tensor)).sum())
+        if bad:
+            raise CheckpointError(
+                f"the {what}weights in {source} are not finite: {name} has {bad} NaN or Inf "
+                f"entries of {tensor.numel()} (the run had diverged, or the file was altered); "
+                "use an earlier checkpoint, or train again (e.g. with a lower lr)"
+            )
 
 
 def training_state(
@@ -203,6 +314,7 @@ def training_state(
     iteration: int,
     seed: int,
     ema=None,
+    settings: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything a run needs to continue, as a format-2 checkpoint (see the module docstring).
@@ -211,6 +323,7 @@ def training_state(
         model, optimizer, scheduler: their ``state_dict()`` is stored.
         history, iteration, seed: the run so far.
         ema: an :class:`cnf.training.hooks.EMA`, or None.
+        settings: the run's settings as plain numbers and strings (what a resume must match).
         extra: plain data stored beside (keys other than :data:`RESERVED_KEYS`).
     """
     state = {
@@ -223,6 +336,8 @@ def training_state(
         "seed": seed,
         **(extra or {}),
     }
+    if settings is not None:
+        state["settings"] = dict(settings)
     if ema is not None:
         state["ema"], state["ema_updates"] = ema.weights(), ema.updates
     return state
@@ -253,6 +368,7 @@ def restore_training(
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     if ema is not None and "ema" in state:
+        check_weights(state["ema"], source, what="averaged ")
         ema.load(state["ema"], state["ema_updates"])
     return History.from_dict(state["history"]), int(state["iteration"])
 

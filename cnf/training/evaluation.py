@@ -30,7 +30,11 @@ def evaluate_nll(model: Flow, data: Tensor, *, batch_size: int = 1000, **solver)
 
     Returns:
         The mean NLL (nats per sample).
+
+    Raises:
+        ValueError: no points, or a batch size below 1.
     """
+    _check_sizes(data.shape[0], batch_size, "data")
     solver.setdefault("trace", "exact")
     total = 0.0
     for start in range(0, data.shape[0], batch_size):
@@ -66,7 +70,13 @@ def evaluate_bits_per_dim(
 
     Returns:
         Bits per dimension, averaged over images and draws.
+
+    Raises:
+        ValueError: no images, no draws, or a batch size below 1.
     """
+    _check_sizes(len(images), batch_size, "images")
+    if not (isinstance(draws, int) and draws >= 1):
+        raise ValueError(f"draws must be a positive int, got {draws!r}")
     solver.setdefault("trace", "exact")
     ref = next(model.parameters())
     gen = torch.Generator().manual_seed(seed)
@@ -79,3 +89,11 @@ def evaluate_bits_per_dim(
             total += bits_per_dim(lp, chunk.shape[1:], levels).sum().item()
             count += len(chunk)
     return total / count
+
+
+def _check_sizes(n: int, batch_size: int, what: str) -> None:
+    """An average over no points is undefined, and a batch of none never ends the loop."""
+    if n < 1:
+        raise ValueError(f"{what} is empty: nothing to evaluate")
+    if not (isinstance(batch_size, int) and batch_size >= 1):
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import save_checkpoint
+from .checkpoint import remove_stale_temporaries, save_checkpoint
 
 if TYPE_CHECKING:
     from .loop import Trainer
@@ -136,7 +136,9 @@ class Checkpointing(Hook):
     """Write ``last.pt`` every ``every`` steps and at the end; ``best.pt`` on improvement.
 
     ``best.pt`` is written when an evaluation made during this call is the lowest so far
-    (:meth:`History.improved`), so the hook must come after :class:`Evaluation`.
+    (:meth:`History.improved`), so the hook must come after :class:`Evaluation`. At the start
+    and the end of a run the hook also removes what killed writes left in the folder
+    (:func:`cnf.training.checkpoint.remove_stale_temporaries`).
 
     Args:
         directory: where the files go (created when needed).
@@ -150,18 +152,31 @@ class Checkpointing(Hook):
         self.last = Path(directory) / "last.pt"
         self.best = Path(directory) / "best.pt"
         self.every, self.keep_best, self._evaluations = every, keep_best, 0
+        self.saved: int | None = None  # the iteration last.pt holds for this run, if any
 
     def start(self, trainer: Trainer) -> None:
         self._evaluations = len(trainer.history.eval_iteration)
+        self.saved = trainer.iteration if trainer.iteration > 0 else None  # resumed from last.pt
+        self._tidy()
 
     def after_step(self, trainer: Trainer) -> None:
         self._save_best(trainer)
         if trainer.iteration % self.every == 0:
-            save_checkpoint(self.last, trainer.state())
+            self._save_last(trainer)
 
     def finish(self, trainer: Trainer) -> None:
         self._save_best(trainer)
+        self._save_last(trainer)
+        self._tidy()
+
+    def _save_last(self, trainer: Trainer) -> None:
         save_checkpoint(self.last, trainer.state())
+        self.saved = trainer.iteration
+
+    def _tidy(self) -> None:
+        # a killed run cannot remove the temporary file of the write it was killed in
+        for path in (self.last, self.best):
+            remove_stale_temporaries(path)
 
     def _save_best(self, trainer: Trainer) -> None:
         evaluations = len(trainer.history.eval_iteration)

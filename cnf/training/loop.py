@@ -23,14 +23,31 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import RESERVED_KEYS, load_checkpoint, restore_training, training_state
+from cnf.ode import SolverError
+
+from .checkpoint import (
+    RESERVED_KEYS,
+    check_folder,
+    load_checkpoint,
+    restore_training,
+    training_state,
+)
 from .evaluation import evaluate_nll
 from .history import History
 from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
 from .objectives import MaximumLikelihood, Objective, resolve_metrics
 from .sampling import Batches, Sampler, derived_seed, seeded_generator
 
-__all__ = ["FINAL_WEIGHTS", "SCHEDULES", "FitConfig", "Trainer", "TrainingError", "fit"]
+__all__ = [
+    "FINAL_WEIGHTS",
+    "RESUME_SETTINGS",
+    "SCHEDULES",
+    "FitConfig",
+    "Trainer",
+    "TrainingError",
+    "check_device",
+    "fit",
+]
 
 SCHEDULES = ("constant", "cosine")
 """Learning-rate schedules of :func:`fit`."""
@@ -41,9 +58,23 @@ FINAL_WEIGHTS = ("ema", "raw")
 NOISE_STREAM = 2
 """The ``derived_seed`` stream of the objective's noise (batches use 0 and 1)."""
 
+RESUME_SETTINGS = (
+    "batch_size",
+    "lr",
+    "weight_decay",
+    "schedule",
+    "clip_grad",
+    "kinetic",
+    "jacobian",
+    "ema",
+)
+"""Settings of :class:`FitConfig` that a checkpoint records (with ``iters`` and ``seed``) and a
+resume must repeat: changing one would make the continued run a different run."""
+
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. a non-finite loss); the last good checkpoint is kept."""
+    """Training cannot go on (a non-finite loss, gradient, batch or weight, or a solve that
+    failed); the message names the iteration, the cause and the last good checkpoint."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -77,7 +108,9 @@ class FitConfig:
             always hold both.
         checkpoint_dir: write ``last.pt`` there every ``checkpoint_every`` steps and at the end.
         checkpoint_every: steps between ``last.pt`` writes.
-        resume: continue from ``checkpoint_dir/last.pt`` if it exists.
+        resume: continue from ``checkpoint_dir/last.pt`` if it exists, with the settings it
+            records (:data:`RESUME_SETTINGS` and ``seed``; others are refused). ``iters`` may
+            grow: the run is extended (a cosine schedule then decays over the new length).
         extra_state: plain data stored in every checkpoint (e.g. the model spec).
         seed: seed of batches and noise.
         device: where to train; None: where the model is.
@@ -201,10 +234,15 @@ def fit(model: nn.Module, data: Tensor | Sampler, **settings: Any) -> History:
         (``nll``, ``nfe_forward``, ``nfe_backward``, ...), ``eval_iteration``, ``eval_nll``.
 
     Raises:
-        ValueError: bad settings (before anything changes).
-        TrainingError: the loss or the gradients became NaN or Inf (the message names the
-            iteration; the last checkpoint on disk is the last good one).
-        CheckpointError: ``resume`` found a corrupt checkpoint or one of another model.
+        ValueError: bad settings (before anything changes): among them tensor ``data`` or
+            ``eval_data`` with NaN or Inf rows, a ``checkpoint_dir`` that cannot be written, a
+            device this machine lacks, or a ``resume`` whose checkpoint records other settings
+            or more iterations than ``iters``.
+        TrainingError: the loss, the gradients, a sampler's batch or the weights became NaN or
+            Inf, or the ODE solver failed (:class:`cnf.ode.SolverError`, the cause); the
+            message names the iteration and the last good checkpoint on disk.
+        CheckpointError: ``resume`` found a corrupt checkpoint, one of another model, or one
+            with NaN or Inf weights.
 
     Example:
         >>> history = fit(flow, toy_sampler("pinwheel"), iters=500, ema=0.999)  # doctest: +SKIP
@@ -226,9 +264,10 @@ class Trainer:
     def __init__(self, model: nn.Module, data: Tensor | Sampler, config: FitConfig):
         self.model, self.config, self.iters = model, config, config.steps(data)
         ref = next(model.parameters())
-        self.device = torch.device(config.device) if config.device is not None else ref.device
+        self.device = check_device(config.device) if config.device is not None else ref.device
         self.dtype = ref.dtype
         if isinstance(data, Tensor):
+            check_finite_rows(data, "data")
             data = data.to(device=self.device, dtype=self.dtype)
         self.batches = Batches(data, config.batch_size, config.seed)
         self.objective = config.objective or MaximumLikelihood(
@@ -237,6 +276,7 @@ class Trainer:
         evaluation = self._evaluation()
         self.checkpoints = None
         if config.checkpoint_dir is not None:
+            _check_checkpoint_dir(config.checkpoint_dir)
             self.checkpoints = Checkpointing(
                 config.checkpoint_dir, config.checkpoint_every, config.keep_best
             )
@@ -261,6 +301,9 @@ class Trainer:
             return Evaluation(config.eval_fn, config.eval_every)
         if config.eval_data is None:
             return None
+        if config.eval_data.shape[0] < 1:
+            raise ValueError("eval_data is empty; give held-out points, or none")
+        check_finite_rows(config.eval_data, "eval_data")
         held_out = config.eval_data.to(device=self.device, dtype=self.dtype)
         score = functools.partial(evaluate_nll, data=held_out, **dict(config.eval_solver or {}))
         return Evaluation(score, config.eval_every)
@@ -280,10 +323,8 @@ class Trainer:
                 hook.start(self)
             while self.iteration < self.iters:
                 self.step()
-                for hook in self.hooks:
-                    hook.after_step(self)
-            for hook in self.hooks:
-                hook.finish(self)
+                self._call_hooks("after_step")
+            self._call_hooks("finish")
         finally:
             for hook in self.hooks:
                 hook.close()
@@ -291,23 +332,57 @@ class Trainer:
             self.model.load_state_dict(self.ema.weights())
         return self.history
 
+    def _call_hooks(self, point: str) -> None:
+        """Call ``hook.<point>(self)`` on every hook; a failed solve (in an evaluation) stops
+        training with a :class:`TrainingError`."""
+        for hook in self.hooks:
+            try:
+                getattr(hook, point)(self)
+            except SolverError as exc:
+                name = type(hook).__name__
+                what = f"the ODE solver failed in {name} after iteration {self.iteration}"
+                self._stop(f"{what} ({exc})", exc)
+
     def step(self) -> None:
         """One optimiser step on batch ``iteration``; records its row of the history."""
         i, tic = self.iteration, time.perf_counter()
-        batch = self.batches(i).to(device=self.device, dtype=self.dtype)
+        batch = self._batch(i)
         noise = seeded_generator(self.device, derived_seed(self.config.seed, NOISE_STREAM, i))
-        loss, metrics = self.objective(self.model, batch, noise)
-        if not bool(torch.isfinite(loss)):
-            self._stop(f"loss is {loss.item()} at iteration {i + 1}")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            loss, metrics = self.objective(self.model, batch, noise)
+            if not bool(torch.isfinite(loss)):
+                self._stop(f"loss is {loss.item()} at iteration {i + 1}")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except SolverError as exc:  # the weights no longer give a solvable ODE
+            self._stop(f"the ODE solver failed at iteration {i + 1} ({exc})", exc)
         if not bool(torch.isfinite(self._gradient_norm())):
             self._stop(f"gradients are not finite at iteration {i + 1}")
         self.optimizer.step()
         self.scheduler.step()
+        if not bool(torch.isfinite(self._weight_size())):
+            what = f"the weights became NaN or Inf in the step of iteration {i + 1}"
+            self._stop(what, changed=True)
         values = resolve_metrics(metrics)  # after backward: adjoint NFE are known now
         self.iteration = i + 1
         self.history.record(i + 1, loss=loss.item(), **values, seconds=time.perf_counter() - tic)
+
+    def _batch(self, i: int) -> Tensor:
+        """Batch ``i`` on the training device; a sampler's batch is checked for NaN and Inf
+        (tensor data was checked once, up front)."""
+        batch = self.batches(i)
+        if not isinstance(self.batches.data, Tensor) and not bool(torch.isfinite(batch).all()):
+            rows = _non_finite_rows(batch)
+            self._stop(
+                f"the sampler's batch of iteration {i + 1} has NaN or Inf values in {len(rows)} "
+                f"row(s), the first at index {rows[0]}; fix the sampler"
+            )
+        return batch.to(device=self.device, dtype=self.dtype)
+
+    def _weight_size(self) -> Tensor:
+        """The largest absolute weight (max-norm: no overflow on large but finite weights)."""
+        with torch.no_grad():
+            return torch.nn.utils.get_total_norm(self.params, math.inf, foreach=True)
 
     def _gradient_norm(self) -> Tensor:
         if self.config.clip_grad is not None:
@@ -315,13 +390,25 @@ class Trainer:
         grads = [p.grad for p in self.params if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads, foreach=True) if grads else torch.zeros(())
 
-    def _stop(self, what: str) -> None:
-        where = f" at {self.checkpoints.last}" if self.checkpoints is not None else ""
-        raise TrainingError(
-            f"{what}; training stopped before the weights changed (the last good checkpoint "
-            f"is kept{where}). Try a lower lr, clip_grad, tighter solver tolerances or the "
-            "RNODE regularizers"
+    def _stop(self, what: str, cause: Exception | None = None, changed: bool = False) -> None:
+        """Raise the :class:`TrainingError` of ``what``, saying where the last good weights are
+        (``changed``: the failing step had already changed the weights in memory)."""
+        when = (
+            "after its step made the weights unusable"
+            if changed
+            else "before this step changed the weights"
         )
+        saved = self.checkpoints.saved if self.checkpoints is not None else None
+        if saved is not None:
+            kept = f"the last good checkpoint is {self.checkpoints.last} (iteration {saved})"
+        elif self.checkpoints is not None:
+            kept = f"no checkpoint was written yet (it would be {self.checkpoints.last})"
+        else:
+            kept = "no checkpoints are kept (no checkpoint_dir)"
+        raise TrainingError(
+            f"{what}; training stopped {when}; {kept}. Try a lower lr, clip_grad, tighter "
+            "solver tolerances or the RNODE regularizers"
+        ) from cause
 
     def state(self) -> dict[str, Any]:
         """The run as a checkpoint (format 2, :mod:`cnf.training.checkpoint`)."""
@@ -333,15 +420,30 @@ class Trainer:
             iteration=self.iteration,
             seed=self.config.seed,
             ema=self.ema,
+            settings=self.settings(),
             extra=self.config.extra_state,
         )
 
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint records of the run's settings: ``iters`` and
+        :data:`RESUME_SETTINGS`, as plain values."""
+        config = self.config
+        values = {name: getattr(config, name) for name in RESUME_SETTINGS}
+        values["schedule"] = values["schedule"] or "constant"  # None means constant
+        return {"iters": self.iters, **values}
+
     def resume(self) -> None:
-        """Continue from ``last.pt`` when it exists (else start afresh)."""
+        """Continue from ``last.pt`` when it exists (else start afresh).
+
+        Raises:
+            ValueError: the checkpoint has more iterations done than ``iters``, or was written
+                with other :data:`RESUME_SETTINGS` or another seed (all of them are named).
+        """
         path = self.checkpoints.last
         if not path.exists():
             return
         state = load_checkpoint(path, map_location=self.device)
+        self._check_resumable(state, path)
         self.history, self.iteration = restore_training(
             state,
             model=self.model,
@@ -350,6 +452,84 @@ class Trainer:
             ema=self.ema,
             source=str(path),
         )
+
+    def _check_resumable(self, state: Mapping[str, Any], path: os.PathLike) -> None:
+        done = int(state["iteration"])
+        if done > self.iters:
+            raise ValueError(
+                f"{path} has {done} iterations done, more than iters={self.iters}: resuming "
+                f"would leave a checkpoint that contradicts its history; pass iters >= {done}, "
+                "or train in another checkpoint_dir"
+            )
+        recorded = dict(state.get("settings", {}))  # none in checkpoints of older versions
+        if "seed" in state:
+            recorded["seed"] = state["seed"]
+        now = {**self.settings(), "seed": self.config.seed}
+        conflicts = [
+            f"{name}={now[name]!r} (it has {value!r})"
+            for name, value in recorded.items()
+            if name != "iters" and name in now and now[name] != value
+        ]
+        if conflicts:
+            raise ValueError(
+                f"{path} was trained with other settings than these: {'; '.join(conflicts)}. "
+                "Resume with the settings it was trained with, or start a new run in another "
+                "checkpoint_dir (cnf.training.load gives the trained model)"
+            )
+
+
+def check_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, when this machine has it.
+
+    Raises:
+        ValueError: an unknown device name, or CUDA / MPS that torch cannot use here.
+    """
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"unknown device {device!r} ({exc}); use e.g. 'cpu' or 'cuda'") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index is not None and device.index >= count or count == 0:
+            raise ValueError(
+                f"device {device} is not available: torch sees {count} CUDA device(s) here; "
+                "use 'cpu' (or 'auto' on the command line)"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("device mps is not available here; use 'cpu'")
+    return device
+
+
+def check_finite_rows(data: Tensor, what: str) -> None:
+    """Refuse ``data`` ``(n, ...)`` with NaN or Inf entries, naming the first bad row.
+
+    Raises:
+        ValueError: some row has a NaN or Inf entry.
+    """
+    if not data.is_floating_point() or bool(torch.isfinite(data).all()):
+        return
+    rows = _non_finite_rows(data)
+    raise ValueError(
+        f"{what} has NaN or Inf values in {len(rows)} of its {data.shape[0]} rows, the first "
+        f"at index {rows[0]} ({what}[{rows[0]}]); remove or repair those rows"
+    )
+
+
+def _non_finite_rows(data: Tensor) -> list[int]:
+    """Indices of the rows of ``data`` ``(n, ...)`` that hold a NaN or Inf."""
+    bad = ~torch.isfinite(data.reshape(data.shape[0], -1)).all(dim=1)
+    return bad.nonzero().flatten().tolist()
+
+
+def _check_checkpoint_dir(folder: str | os.PathLike) -> None:
+    """The checkpoint folder must be writable, and its ``last.pt`` and ``best.pt`` files."""
+    folder = check_folder(folder, "checkpoint_dir")
+    for name in ("last.pt", "best.pt"):
+        if (folder / name).is_dir():
+            raise ValueError(
+                f"checkpoint_dir {folder} has a folder named {name}; move it, or choose another "
+                "checkpoint_dir"
+            )
 
 
 def learning_rate_schedule(
