@@ -35,7 +35,7 @@ from .settings import Call, SolverSettings, check_choice
 from .trace import divergence, sample_noise
 from .transforms.core import FlowOutput, Transform, check_event_shape, check_points
 
-__all__ = ["CNFTransform", "JointODE", "with_context"]
+__all__ = ["CNFTransform", "JointODE", "trajectory_times", "with_context"]
 
 
 def with_context(field: nn.Module, context: Tensor | None):
@@ -84,6 +84,31 @@ class JointODE(nn.Module):
             return d.f, d.div
         kinetic = d.f.reshape(d.f.shape[0], -1).square().sum(1)
         return d.f, d.div, kinetic, d.frobenius
+
+
+def trajectory_times(times, like: Tensor, direction: str) -> Tensor:
+    """``times`` as a finite 1-D tensor of at least two times in ``like``'s dtype and device,
+    increasing for ``direction="generative"``, decreasing for ``"normalizing"``.
+
+    Raises:
+        ValueError: saying what ``times`` must be.
+    """
+    try:
+        times = torch.as_tensor(times, dtype=like.dtype, device=like.device)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(
+            f"times must be a 1-D sequence of numbers, got {type(times).__name__}"
+        ) from None
+    if times.dim() != 1 or times.numel() < 2:
+        raise ValueError("times must be a 1-D sequence of at least two times")
+    if not bool(torch.isfinite(times).all()):
+        raise ValueError("times contain NaN or Inf")
+    diffs = times.diff()
+    if direction == "generative" and not bool((diffs > 0).all()):
+        raise ValueError("direction='generative' needs strictly increasing times")
+    if direction == "normalizing" and not bool((diffs < 0).all()):
+        raise ValueError("direction='normalizing' needs strictly decreasing times")
+    return times
 
 
 class CNFTransform(Transform):
@@ -221,16 +246,9 @@ class CNFTransform(Transform):
         """
         check_choice("direction", direction, ("generative", "normalizing"))
         x = check_points(x, self.in_shape, "x", self.reference())
-        times = torch.as_tensor(times, dtype=x.dtype, device=x.device)
-        if times.dim() != 1 or times.numel() < 2:
-            raise ValueError("times must be a 1-D sequence of at least two times")
+        times = trajectory_times(times, x, direction)
         T = float(self.span(x).detach())
         eps = 1e-6 * max(T, 1.0)
         if times.min().item() < -eps or times.max().item() > T + eps:
             raise ValueError(f"times must lie in [0, T] = [0, {T:g}]")
-        diffs = times.diff()
-        if direction == "generative" and not bool((diffs > 0).all()):
-            raise ValueError("direction='generative' needs strictly increasing times")
-        if direction == "normalizing" and not bool((diffs < 0).all()):
-            raise ValueError("direction='normalizing' needs strictly decreasing times")
         return self.solve(x, times, call, logdet=False).ys

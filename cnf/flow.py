@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .continuous import CNFTransform
+from .continuous import CNFTransform, trajectory_times
 from .settings import Call, SolverSettings, check_choice
 from .transforms.core import Compose, FlowOutput, Transform, check_points, first_tensor
 
@@ -250,9 +250,7 @@ def _cnf_blocks(transform: Transform) -> list[CNFTransform]:
 
 def _trajectory_through(blocks, x: Tensor, times, direction: str, call: Call) -> Tensor:
     """:meth:`Flow.trajectory` through several blocks: one local solve per block crossed."""
-    taus = torch.as_tensor(times, dtype=x.dtype).detach().tolist()
-    if len(taus) < 2:
-        raise ValueError("times must be a 1-D sequence of at least two times")
+    taus = trajectory_times(times, x, direction).detach().tolist()
     forward = direction == "generative"
     segments, start = [], 0.0
     for block in reversed(blocks):

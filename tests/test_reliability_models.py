@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-import cnf
+import cnf.plot
 from cnf import CNF, DenseImageCNF, MultiscaleCNF, SequentialFlow
 from cnf.fields import ConcatSquashMLP
 from cnf.ode import SolverError
@@ -184,3 +184,45 @@ def test_bad_model_settings(kwargs, phrase):
     kwargs = {"event_shape": (2,), **kwargs}
     with pytest.raises(ValueError, match=phrase):
         CNF(ConcatSquashMLP(2, (4,)), **kwargs)
+
+
+# --- trajectories and pictures -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("times", "kwargs", "phrase"),
+    [
+        ([0.0, math.nan], {}, "times contain NaN or Inf"),
+        ([0.0], {}, "at least two times"),
+        ("0,0.5", {}, "1-D sequence of numbers, got str"),
+        ([0.5, 0.0], {}, "needs strictly increasing times"),
+        ([0.0, 0.5], {"direction": "normalizing"}, "needs strictly decreasing times"),
+        ([0.0, 0.5], {"direction": "up"}, "unknown direction"),
+        ([0.0, 2.0], {}, r"times must lie in \[0, T\]"),
+    ],
+)
+@pytest.mark.parametrize("make", [_toy, _sequential], ids=lambda f: f.__name__)
+def test_bad_trajectory_times(make, times, kwargs, phrase):
+    if make is _sequential and "lie in" in phrase:
+        phrase = "the sum of the blocks' T"
+    with pytest.raises(ValueError, match=phrase):
+        make().trajectory(torch.zeros(3, 2), times, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("draw", "phrase"),
+    [
+        (lambda m: cnf.plot.plot_density(m, lim="4"), "without quotes"),
+        (lambda m: cnf.plot.plot_density(m, lim=-1), "lim must be a positive"),
+        (lambda m: cnf.plot.plot_samples(torch.tensor([[math.nan, 0.0]])), "NaN or Inf"),
+        (lambda m: cnf.plot.plot_samples(torch.zeros(0, 2)), "m >= 1"),
+        (lambda m: cnf.plot.plot_trajectories(m, n=0), "n must be an int >= 1"),
+        (lambda m: cnf.plot.animate_flow(m, "/nonexistent/dir/x.gif"), "does not exist"),
+    ],
+)
+def test_bad_picture_arguments(draw, phrase):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    with pytest.raises(ValueError, match=phrase):
+        draw(_toy())
