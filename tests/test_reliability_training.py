@@ -529,3 +529,30 @@ def test_checkpoint_of_another_kind_of_model_is_an_error_message(run, tmp_path, 
     save_checkpoint(tmp_path / "k.pt", {**state, "spec": {**state["spec"], "kind": "spline"}})
     code, err = _cli(["eval", "--checkpoint", tmp_path / "k.pt", "--n", "10"], capsys)
     assert code == 2 and "unknown model kind 'spline'" in err
+
+
+@pytest.mark.parametrize(
+    ("settings", "match"),
+    [
+        ({"lr": "1e-3"}, "lr must be a number.*without quotes"),
+        ({"lr": -1.0}, "lr must be a positive"),
+        ({"lr": math.nan}, "lr must be a positive"),
+        ({"batch_size": 2.0}, "batch_size must be an int >= 1"),
+        ({"iters": True}, "iters must be an int >= 1"),
+        ({"weight_decay": -1}, "weight_decay must be a finite number >= 0"),
+        ({"clip_grad": "1"}, "clip_grad must be a number"),
+        ({"kinetic": math.inf}, "kinetic must be a finite number >= 0"),
+        ({"ema": True}, "ema must be a number"),
+        ({"ema": 1.0}, r"ema must be a decay in \(0, 1\)"),
+        ({"checkpoint_every": 0}, "checkpoint_every must be an int >= 1"),
+        ({"eval_every": -1}, "eval_every must be an int >= 0"),
+        ({"seed": "a"}, "seed must be an int, got 'a'"),
+    ],
+)
+def test_fit_numbers_follow_the_one_rule(settings, match):
+    """The same rule as the solver's tolerances: numbers, not strings or bools, in range."""
+    model = _model()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=match):
+        fit(model, torch.randn(32, 2), **{"iters": 1, "progress": False, **settings})
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from cnf.ode import SolverError
+from cnf.ode._problem import number, positive
 
 from .checkpoint import (
     RESERVED_KEYS,
@@ -145,6 +147,7 @@ class FitConfig:
 
     def __post_init__(self):
         self._check_length()
+        self._check_numbers()
         self._check_choices()
         self._check_combinations()
 
@@ -161,23 +164,31 @@ class FitConfig:
         if (self.iters is None) == (self.epochs is None):
             raise ValueError("give exactly one of iters or epochs")
         for name in ("iters", "epochs"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+            if getattr(self, name) is not None:
+                _count(name, getattr(self, name), 1)
+        _count("batch_size", self.batch_size, 1)
+
+    def _check_numbers(self) -> None:
+        """The package's one rule for numbers (no strings or bools), then each one's range."""
+        positive("lr", self.lr)
+        positive("clip_grad", self.clip_grad, optional=True)
+        for name in ("weight_decay", "kinetic", "jacobian"):
+            value = number(name, getattr(self, name))
+            if not (value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.ema is not None and not 0.0 < number("ema", self.ema) < 1.0:
+            raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
+        _count("checkpoint_every", self.checkpoint_every, 1)
+        _count("eval_every", self.eval_every, 0)
+        _count("seed", self.seed)
 
     def _check_choices(self) -> None:
         if self.schedule not in (None, *SCHEDULES):
             raise ValueError(f"unknown schedule {self.schedule!r}; choose 'constant' or 'cosine'")
-        if self.ema is not None and not 0.0 < self.ema < 1.0:
-            raise ValueError(f"ema must be a decay in (0, 1), got {self.ema}")
         if self.final_weights not in FINAL_WEIGHTS:
             raise ValueError(
                 f"final_weights must be one of {FINAL_WEIGHTS}, got {self.final_weights!r}"
             )
-        if self.clip_grad is not None and not self.clip_grad > 0:
-            raise ValueError(f"clip_grad must be positive or None, got {self.clip_grad}")
         taken = set(RESERVED_KEYS) & set(self.extra_state or {})
         if taken:
             raise ValueError(f"extra_state may not use the checkpoint's own keys {sorted(taken)}")
@@ -205,6 +216,15 @@ class FitConfig:
         if not isinstance(data, Tensor):
             raise ValueError("epochs needs tensor data; use iters with a sampler")
         return self.epochs * max(1, data.shape[0] // self.batch_size)
+
+
+def _count(name: str, value, low: int | None = None) -> int:
+    """``value`` if it is an int (not a bool) of at least ``low``; a ValueError otherwise."""
+    is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    if not is_int or (low is not None and value < low):
+        at_least = "" if low is None else f" >= {low}"
+        raise ValueError(f"{name} must be an int{at_least}, got {value!r}")
+    return int(value)
 
 
 def fit(model: nn.Module, data: Tensor | Sampler, **settings: Any) -> History:
