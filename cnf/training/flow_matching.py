@@ -41,6 +41,8 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from cnf.ode._problem import number
+
 from ..continuous import CNFTransform
 from ..flow import Flow, StandardNormal
 from ..settings import Call, check_choice
@@ -291,7 +293,7 @@ class FlowMatching:
 
     def __post_init__(self):
         s = self.sigma_min
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not 0.0 <= s < 1.0:
+        if not 0.0 <= number("sigma_min", s) < 1.0:
             raise ValueError(f"sigma_min must be a number in [0, 1), got {s!r}")
         check_choice("time distribution", self.time, TIME_DISTRIBUTIONS)
         check_choice("coupling", self.coupling, _COUPLINGS)

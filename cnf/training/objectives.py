@@ -21,6 +21,8 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from cnf.ode._problem import number
+
 __all__ = ["RESERVED_METRICS", "MaximumLikelihood", "Metric", "Objective", "resolve_metrics"]
 
 Metric = float | int | Tensor | Callable[[], float]
@@ -125,7 +127,7 @@ class MaximumLikelihood:
     def __post_init__(self):
         for name in ("kinetic", "jacobian"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+            if not (math.isfinite(number(name, value)) and value >= 0):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
         taken = {"regularizers", "generator"} & set(self.solver)
         if taken:

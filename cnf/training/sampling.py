@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from cnf.ode._problem import number
 from cnf.transforms import dequantize
 
 __all__ = ["Batches", "Sampler", "derived_seed", "image_sampler", "seeded_generator"]
@@ -112,7 +113,7 @@ def image_sampler(images: Tensor, levels: int, *, translate: float = 0.0) -> Sam
     Raises:
         ValueError: ``translate`` is not a probability, or it is set for non-image data.
     """
-    if not (isinstance(translate, (int, float)) and 0.0 <= translate <= 1.0):
+    if not 0.0 <= number("translate", translate) <= 1.0:
         raise ValueError(f"translate must be a probability in [0, 1], got {translate!r}")
     if translate and images.dim() != 4:
         raise ValueError(f"translate needs images of shape (n, C, H, W), got {tuple(images.shape)}")

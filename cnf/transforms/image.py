@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..ode._problem import number
 from ..settings import Call
 from .core import FlowOutput, Transform, check_event_shape
 
@@ -70,7 +71,7 @@ class LogitTransform(Transform):
     def __init__(self, event_shape: Sequence[int], alpha: float = 1e-6):
         super().__init__()
         self.in_shape = self.out_shape = check_event_shape(event_shape)
-        if not (isinstance(alpha, (int, float)) and 0 < alpha < 0.5):
+        if not 0 < number("alpha", alpha) < 0.5:
             raise ValueError(
                 f"alpha must be a number in (0, 0.5), e.g. 1e-6 or 0.05; got {alpha!r}"
             )
