@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import cnf.training.checkpoint
-from cnf.cli import _parser, main
+from cnf.cli import main
+from cnf.cli.flags import build_parser
 from cnf.models import build, toy_spec
 from cnf.ode import SolverError
 from cnf.training import (
@@ -431,7 +432,7 @@ def test_messages_are_not_cut(tmp_path, monkeypatch):
 
 
 def _subparsers():
-    parser = _parser()
+    parser = build_parser()
     action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     return action.choices
 

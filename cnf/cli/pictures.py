@@ -1,0 +1,66 @@
+"""The pictures of a trained model: density, samples and trajectories (2-D data), samples
+beside test images (images), and the training curves; written by ``cnf train`` and
+``cnf plot``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .common import open_checkpoint
+
+
+def _toy_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
+    from .. import plot
+    from ..data import DENSITY_NAMES, density
+
+    data = record.load().part("test", seed=0, n=n).numpy()
+    true = density(record.name) if record.name in DENSITY_NAMES else None
+    gen = torch.Generator(device=device).manual_seed(0)
+    figures = {
+        "density.png": plot.plot_density(model, data=data, true_density=true),
+        "samples.png": plot.plot_samples(model.sample(n, generator=gen).detach(), data=data),
+        "trajectories.png": plot.plot_trajectories(model),
+    }
+    if not gif:
+        return figures, []
+    plot.animate_flow(model, out / "flow.gif")
+    return figures, ["flow.gif"]
+
+
+def _image_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
+    from .. import plot
+
+    test = record.load().part("test", n=n).float() / record.recipe.levels
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():
+        samples = model.sample(n, generator=gen).clamp(0.0, 1.0)
+    figures = {"samples.png": plot.plot_images(samples, test, titles=("model samples", "test"))}
+    return figures, []  # no animation of images
+
+
+PICTURES = {"toy2d": (_toy_pictures, 20000), "image": (_image_pictures, 64)}
+"""Per kind of model: the function that draws its pictures (figures, and the names of files it
+wrote itself) and their default number of samples."""
+
+
+def write_pictures(checkpoint, out: Path, device, *, n: int | None, gif: bool) -> None:
+    """Draw the model of ``checkpoint`` into the folder ``out`` (``n`` samples, None: the
+    default of its kind; ``gif``: also animate the flow of 2-D data)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    from .. import plot
+
+    state, record, model = open_checkpoint(checkpoint, device)
+    out.mkdir(parents=True, exist_ok=True)
+    draw, default_n = PICTURES[record.recipe.kind]
+    figures, files = draw(model, record, n or default_n, device, gif, out)
+    figures["curves.png"] = plot.plot_curves(state["history"])
+    for fname, fig in figures.items():
+        fig.savefig(out / fname, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+    print(f"wrote {', '.join([*figures, *files])} to {out}/", flush=True)
