@@ -31,6 +31,8 @@ from cnf.training import (
     save_checkpoint,
 )
 
+pytestmark = pytest.mark.deadline(120)  # every case ends in an answer or an error, never a hang
+
 DATA = torch.randn(32, 2, generator=torch.Generator().manual_seed(0))
 
 
