@@ -193,46 +193,30 @@ def _pictures_default() -> str:
     return ", ".join(f"{n} for {kinds[kind]} data" for kind, (_, n) in PICTURES.items())
 
 
-def _model_flags(t: argparse.ArgumentParser) -> None:
+def _model_flag_table() -> tuple:
+    """The model flags: type (or choices), what each sets, and its key in the model spec."""
     from ..fields import ACTIVATIONS
 
-    t.add_argument(
-        "--trace",
-        choices=("exact", "hutchinson"),
-        help="divergence of the training solves (" + _model_default("trace") + ")",
-    )
-    t.add_argument(
-        "--tol",
-        type=_RATE,
-        help="rtol = atol of the training solves (" + _model_default("rtol") + ")",
-    )
-    t.add_argument(
-        "--hidden",
-        type=_ints,
-        help="hidden sizes (MLPs) or channels (multiscale) (" + _model_default("hidden") + ")",
-    )
-    t.add_argument(
-        "--activation",
-        choices=ACTIVATIONS,
-        help="the field's activation (" + _model_default("activation") + ")",
-    )
-    t.add_argument(
-        "--blocks",
-        type=_POSITIVE,
-        help="CNF blocks, or blocks per scale (multiscale) (" + _model_default("blocks") + ")",
-    )
-    t.add_argument(
-        "--T",
-        type=_RATE,
-        help="integration time of each block, learned from this "
-        "start unless --fixed-T (" + _model_default("T") + ")",
-    )
-    t.add_argument("--fixed-T", action="store_true", help="do not learn the integration time")
-    t.add_argument(
-        "--dtype",
-        choices=("float32", "float64"),
-        help="floating-point type of the model (" + _model_default("dtype") + ")",
-    )
+    return (
+        ("--trace", ("exact", "hutchinson"), "divergence of the training solves", "trace"),
+        ("--tol", _RATE, "rtol = atol of the training solves", "rtol"),
+        ("--hidden", _ints, "hidden sizes (MLPs) or channels (multiscale)", "hidden"),
+        ("--activation", ACTIVATIONS, "the field's activation", "activation"),
+        ("--blocks", _POSITIVE, "CNF blocks, or blocks per scale (multiscale)", "blocks"),
+        ("--T", _RATE, "integration time of each block, learned from this start unless "
+         "--fixed-T", "T"),
+        ("--dtype", ("float32", "float64"), "floating-point type of the model", "dtype"),
+    )  # fmt: skip
+
+
+def _model_flags(t: argparse.ArgumentParser) -> None:
+    for flag, kind, what, key in _model_flag_table():
+        typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
+        t.add_argument(flag, **typed, help=f"{what} ({_model_default(key)})")
+        if flag == "--T":
+            t.add_argument(
+                "--fixed-T", action="store_true", help="do not learn the integration time"
+            )
 
 
 FIT_FLAGS = (
@@ -256,23 +240,29 @@ def _training_flags(t: argparse.ArgumentParser) -> None:
         key = flag[2:].replace("-", "_")
         typed = {"choices": kind} if isinstance(kind, tuple) else {"type": kind}
         t.add_argument(flag, **typed, help=f"{what} ({_fit_default(key, flow_matching)})")
-    t.add_argument(
+    _per_data(
+        t,
         "--draws",
+        "dequantization draws per validation, images",
+        lambda r: r.evaluation.draws,
         type=_POSITIVE,
-        help="dequantization draws per validation (images; default: "
-        + _by_data(lambda r: r.evaluation.draws)
-        + ")",
     )
-    t.add_argument(
+    _per_data(
+        t,
         "--translate",
+        "images: probability of moving a training image by one pixel, an augmentation",
+        lambda r: r.augment.get("translate"),
         type=_PROBABILITY,
-        help="images: probability of moving a training image by one pixel (augmentation; "
-        "default: " + _by_data(lambda r: r.augment.get("translate")) + ")",
     )
     t.add_argument(
         "--seed", type=int, help="seed of the initial weights, batches and noise (default: 0)"
     )
     _objective_flags(t)
+
+
+def _per_data(parser: argparse.ArgumentParser, flag: str, what: str, value_of, **kwargs) -> None:
+    """A flag whose default differs by data set: its help lists ``value_of(recipe)`` per data."""
+    parser.add_argument(flag, help=f"{what} (default: {_by_data(value_of)})", **kwargs)
 
 
 def _objective_flags(t: argparse.ArgumentParser) -> None:
@@ -283,12 +273,12 @@ def _objective_flags(t: argparse.ArgumentParser) -> None:
         help="maximum likelihood through the ODE (default), or flow matching (regression, no "
         "solve; the blocks' T are fixed to sum to 1)",
     )
-    t.add_argument(
+    _per_data(
+        t,
         "--coupling",
+        "flow matching: base-data pairing",
+        lambda r: r.flow_matching.objective.get("coupling"),
         choices=("none", "ot"),
-        help="flow matching: base-data pairing (default: "
-        + _by_data(lambda r: r.flow_matching.objective.get("coupling"))
-        + ")",
     )
     t.add_argument(
         "--finish-ml",
@@ -305,27 +295,17 @@ def _other_parsers(sub) -> None:
     e.add_argument(
         "--checkpoint", required=True, help="a checkpoint of cnf train (last.pt, best.pt)"
     )
-    e.add_argument(
-        "--n",
-        type=_POSITIVE,
-        help="test points (default: " + _by_data(lambda r: r.split.sizes.get("test", "all")) + ")",
-    )
-    e.add_argument(
-        "--tol",
-        type=_RATE,
-        help="solver tolerance (default: " + _by_data(lambda r: r.evaluation.tol) + ")",
-    )
-    e.add_argument(
+    _per_data(e, "--n", "test points", lambda r: r.split.sizes.get("test", "all"), type=_POSITIVE)
+    _per_data(e, "--tol", "solver tolerance", lambda r: r.evaluation.tol, type=_RATE)
+    _per_data(
+        e,
         "--draws",
+        "dequantization draws, images",
+        lambda r: r.evaluation.test_draws,
         type=_POSITIVE,
-        help="dequantization draws (images; default: "
-        + _by_data(lambda r: r.evaluation.test_draws)
-        + ")",
     )
-    e.add_argument(
-        "--batch-size",
-        type=_POSITIVE,
-        help="points per solve (default: " + _by_data(lambda r: r.evaluation.batch_size) + ")",
+    _per_data(
+        e, "--batch-size", "points per solve", lambda r: r.evaluation.batch_size, type=_POSITIVE
     )
     e.add_argument(
         "--seed",
