@@ -16,8 +16,10 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from ._callbacks import callbacks_of
 from ._control import Config
 from ._integrate import Counts, integrate
+from ._landmarks import step_sides
 from ._output import Record
 from ._problem import Problem, make_config, tolerance_vector
 from ._rk import dense_output, rk_step
@@ -53,6 +55,23 @@ class AdjointSolve:
         )
         self.forward_counts = Counts()
         self.on_backward: Callable[[Counts], None] = lambda counts: None
+        # func's callback_step_adjoint & co.: on each replayed step (checkpoint) or with the
+        # backward solve's own steps (backsolve), as the state [y, a, g] in the user's shapes
+        self.callbacks = callbacks_of(
+            problem.func, suffix="_adjoint", to_user=self._augmented_to_user, adaptive=True
+        )
+        if self.backward_config is not None and self.callbacks is not None:
+            self.backward_config = replace(self.backward_config, callbacks=self.callbacks)
+
+    def _augmented_to_user(self, z: Tensor) -> tuple:
+        """A flat state ``y`` (checkpoint replay) or ``[y, a, g]`` (backsolve) for callbacks."""
+        problem = self.problem
+        n = problem.y0.numel()
+        if z.numel() == n:
+            return problem.to_user(z.reshape(problem.y0.shape))
+        y, a, g = z[:n], z[n : 2 * n], z[2 * n :]
+        shape = problem.y0.shape
+        return (problem.to_user(y.view(shape)), problem.to_user(a.view(shape)), g)
 
     def run(self, on_backward: Callable[[Counts], None]) -> tuple[Tensor, Counts]:
         """Solve; returns the stacked flat outputs ``(T, *y0.shape)`` and the forward counts.
@@ -144,10 +163,11 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
     fill = _vjp_filler(params)
     counts = Counts()
 
-    def rhs(t: float, y: Tensor) -> Tensor:
+    def rhs(t: float, y: Tensor, side: float = 0.0) -> Tensor:
         counts.nfe += 1
-        return solve.problem.rhs(t, y)
+        return solve.problem.rhs(t, y, side)
 
+    cb = solve.callbacks
     by_step: dict[int, list[tuple[int, float | None]]] = defaultdict(list)
     for i, (n, theta) in enumerate(record.outputs):
         by_step[n].append((i, theta))
@@ -161,6 +181,11 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
                 a = a + grad_ys[i]
             else:
                 interior.append((i, theta))
+        if cb is not None:
+            t_n, h_n, y_n = record.steps[n]
+            for hook in (cb.step, cb.accept):
+                if hook is not None:
+                    hook(t_n, y_n, h_n)
         grads = _replay_step(
             solve, rhs, record.steps[n], a, [(grad_ys[i], th) for i, th in interior]
         )
@@ -180,16 +205,24 @@ def _replay_step(solve: AdjointSolve, rhs, step, a: Tensor, interior: list[tuple
     read inside the step at ``t + theta h``.
     """
     t, h, y = step
-    tab = solve.config.tableau
+    cfg = solve.config
+    tab = cfg.tableau
+    # the forward's reading of f at jumps and with perturb (see cnf.ode._landmarks)
+    marks = cfg.landmarks if cfg.adaptive else None
+    step_f, start_f = step_sides(rhs, marks, cfg.perturb, t, t + h)
     with torch.enable_grad():
         yv = y.detach().requires_grad_(True)
         # Without interior outputs an FSAL tableau's last stage, f(t + h, y1), is not needed.
-        y1, ks = rk_step(rhs, tab, t, yv, rhs(t, yv), h, last_stage=bool(interior))
+        y1, ks = rk_step(step_f, tab, t, yv, start_f(t, yv), h, last_stage=bool(interior))
         outputs, cotangents = [y1], [a]
         if interior:
-            stages = ks if tab.fsal else ks + [rhs(t + h, y1)]
+            linear = cfg.interp == "linear"
+            stages = ks if (tab.fsal or linear) else ks + [step_f(t + h, y1)]
             for cotangent, theta in interior:
-                outputs.append(dense_output(tab, yv, stages, h, theta))
+                out = (
+                    torch.lerp(yv, y1, theta) if linear else dense_output(tab, yv, stages, h, theta)
+                )
+                outputs.append(out)
                 cotangents.append(cotangent)
         return torch.autograd.grad(outputs, (yv, *solve.params), cotangents, allow_unused=True)
 
@@ -202,10 +235,10 @@ def _backsolve_backward(solve: AdjointSolve, ys: Tensor, grad_ys: Tensor):
     fill = _vjp_filler(params)
     sizes = [p.numel() for p in params]
 
-    def aug_rhs(t: float, z: Tensor) -> Tensor:
+    def aug_rhs(t: float, z: Tensor, side: float = 0.0) -> Tensor:
         with torch.enable_grad():
             y = z[:n].detach().view(shape).requires_grad_(True)
-            fy = problem.rhs(t, y)
+            fy = problem.rhs(t, y, side)
             cotangent = -z[n : 2 * n].view(shape)
             grads = torch.autograd.grad(fy, (y, *params), cotangent, allow_unused=True)
         vjp_y = grads[0] if grads[0] is not None else torch.zeros_like(y)

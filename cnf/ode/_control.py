@@ -17,19 +17,23 @@ constants to autograd (gradients are those of the discrete solution for the step
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from ._callbacks import Callbacks
 from ._errors import SolverError, describe_non_finite
+from ._landmarks import Landmarks
 from .tableaus import ButcherTableau
 
 __all__ = [
     "Config",
     "FixedSteps",
     "GridSteps",
+    "ListSteps",
     "PIController",
     "check_finite_start",
     "check_step",
@@ -55,6 +59,12 @@ class Config:
     not averaged away by a large one, and entries past the last section are left out of the
     norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state. ``parts``: the
     shapes of a tuple state's tensors, so that errors can say where a value went non-finite.
+
+    torchdiffeq's options (see :mod:`cnf.ode`): ``norm`` replaces the error norm (a function of
+    the scaled error in the state's structure, wrapped by the caller to take the flat state);
+    ``landmarks`` holds ``step_t`` and ``jump_t``; ``perturb``, ``grid`` (what
+    ``grid_constructor`` returned) and ``interp`` shape fixed steps; ``callbacks`` are
+    ``func``'s step callbacks.
     """
 
     tableau: ButcherTableau
@@ -73,6 +83,13 @@ class Config:
     norm_sizes: tuple[int, ...] | None = None
     time_eps: float = 2.0**-52
     parts: tuple[tuple[int, ...], ...] | None = None
+    norm: Callable[[Tensor], Tensor] | None = None
+    landmarks: Landmarks | None = None
+    perturb: bool = False
+    grid_constructor: Callable | None = None
+    grid: tuple[float, ...] | None = None
+    interp: str | None = None
+    callbacks: Callbacks | None = None
 
     @property
     def adaptive(self) -> bool:
@@ -85,7 +102,10 @@ class Config:
 
 
 def rms_norm(cfg: Config, x: Tensor) -> float:
-    """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state."""
+    """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state
+    (or the user's ``norm``)."""
+    if cfg.norm is not None:
+        return abs(float(cfg.norm(x)))
     if cfg.norm_sizes is None or len(cfg.norm_sizes) == 1:
         return torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())
     norms = torch.stack([torch.linalg.vector_norm(part) for part in x.split(cfg.norm_sizes)])
@@ -243,6 +263,7 @@ class PIController:
         self.beta2 = cfg.pcoeff * exponent
         self.prev_ratio = 1.0
         self.failure: NonFinite | None = None  # why the steps since the last accepted failed
+        self.warned = False
         n = cfg.norm_size
         with torch.no_grad():
             self.y_abs = (y0 if n is None else y0[:n]).abs()
@@ -257,14 +278,21 @@ class PIController:
         return _toward(t, self.direction * abs(self.h), self.t_end, self.direction)
 
     def accept(self, ks: list[Tensor], y1: Tensor, h: float, t: float) -> bool:
-        """Judge the step ``t -> t + h`` with stages ``ks`` and size the next one."""
+        """Judge the step ``t -> t + h`` with stages ``ks`` and size the next one.
+
+        A step of at most ``min_step`` stands whatever its error, as in torchdiffeq (the
+        option trades accuracy for a bounded cost); one with non-finite values never does.
+        """
         cfg = self.cfg
         ratio, y1_abs = _error_ratio(cfg, ks, self.y_abs, y1, h)
-        accepted = ratio <= 1.0
+        at_min = abs(h) <= cfg.min_step * (1 + _LANDING_SLACK)  # a landing step may round up
+        accepted = ratio <= 1.0 or (at_min and math.isfinite(ratio))
         if not math.isfinite(ratio):
             self.failure = NonFinite(cfg.tableau, ks, t, h)
             if self.failure.values is ks[0]:  # f(t, y) at an accepted point: no step can help
                 raise self.failure.error(cfg, "at a point the solve had reached", h)
+            if at_min:
+                raise self.failure.error(cfg, f"a step of min_step={cfg.min_step:g}", h)
             factor = cfg.dfactor
         elif ratio == 0.0:
             factor = cfg.ifactor
@@ -273,23 +301,21 @@ class PIController:
             factor = min(cfg.ifactor, max(cfg.dfactor, factor))
         if not accepted:
             factor = min(factor, 1.0)
-        h_new = min(abs(h) * factor, cfg.max_step)
+        h_new = min(max(abs(h) * factor, cfg.min_step), cfg.max_step)
         if not accepted:
-            if h_new < cfg.min_step:
-                if not math.isfinite(ratio):
-                    raise self.failure.error(cfg, f"steps down to min_step={cfg.min_step:g}", h)
-                raise SolverError(
-                    f"step size {h_new:.3g} at t={t:.17g} fell below min_step="
-                    f"{cfg.min_step:g} (error ratio {ratio:.3g}); loosen rtol/atol or lower "
-                    "options['min_step']",
-                    t=t,
-                    step_size=h_new,
-                )
             self.h = h_new
             return False
+        if ratio > 1.0 and not self.warned:  # accepted at min_step: say so once per solve
+            self.warned = True
+            warnings.warn(
+                f"steps of min_step={cfg.min_step:g} accepted above the tolerance (error ratio "
+                f"{ratio:.3g} at t={t:.6g}): the solution is less accurate than rtol/atol ask; "
+                "lower options['min_step'] or loosen rtol/atol",
+                stacklevel=5,
+            )
         self.failure = None
         self.prev_ratio = max(ratio, 1e-4)  # a tiny ratio would make the next step explode
-        self.h = max(h_new, cfg.min_step)
+        self.h = h_new
         self.y_abs = y1_abs
         return True
 
@@ -335,12 +361,31 @@ class GridSteps:
         return True
 
 
+class ListSteps:
+    """Fixed-step methods stepping through a given grid (torchdiffeq's ``grid_constructor``)."""
+
+    def __init__(self, grid: tuple[float, ...]) -> None:
+        self.grid, self.index = grid, 1
+        self.step_size = abs(grid[1] - grid[0]) if len(grid) > 1 else 0.0
+
+    def propose(self, t: float, t_out: float) -> tuple[float, float]:
+        t_next = self.grid[self.index]
+        self.step_size = abs(t_next - t)
+        return t_next - t, t_next
+
+    def accept(self, ks: list[Tensor], y1: Tensor, h: float, t: float) -> bool:
+        self.index += 1
+        return True
+
+
 def make_controller(
     cfg: Config, f: Rhs, t0: float, y0: Tensor, k0: Tensor, t_end: float
-) -> PIController | FixedSteps | GridSteps:
+) -> PIController | FixedSteps | GridSteps | ListSteps:
     """The controller ``cfg`` asks for; ``k0 = f(t0, y0)`` seeds the first-step estimate."""
     if cfg.adaptive:
         return PIController(cfg, f, t0, y0, k0, t_end)
+    if cfg.grid is not None:
+        return ListSteps(cfg.grid)
     if cfg.step_size is not None:
         return FixedSteps(cfg, t0, t_end)
     return GridSteps(t0, t_end)

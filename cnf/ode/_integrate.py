@@ -16,10 +16,15 @@ from torch import Tensor
 
 from ._control import Config, check_finite_start, check_step, make_controller
 from ._errors import SolverError, describe_non_finite
+from ._landmarks import step_sides
 from ._output import Outputs, Record, RecordedOutputs
 from ._rk import rk_step
 
 __all__ = ["Counts", "integrate"]
+
+# Consecutive rejections before a solve is called stuck. Each one shrinks the step at least
+# by dfactor (0.2), so only steps held up by min_step or landing times can get this far.
+_MAX_REJECTIONS = 100
 
 
 @dataclass
@@ -59,29 +64,55 @@ def integrate(
     """
     counts = Counts()
     tab = cfg.tableau
-    out = Outputs(tab, ts, y0) if record is None else RecordedOutputs(tab, ts, y0, record)
+    out = (
+        Outputs(tab, ts, y0, cfg.interp)
+        if record is None
+        else RecordedOutputs(tab, ts, y0, record, cfg.interp)
+    )
     if out.done:
         return out.ys, counts
 
-    def rhs(t: float, y: Tensor) -> Tensor:
+    def rhs(t: float, y: Tensor, side: float = 0.0) -> Tensor:
         counts.nfe += 1
-        return f(t, y)
+        return f(t, y, side) if side else f(t, y)
 
+    # step_t/jump_t/perturb (torchdiffeq's options for fields that jump in time) and the step
+    # callbacks; without them the loop below is the plain one.
+    marks = cfg.landmarks if cfg.adaptive else None
+    sided = marks is not None or cfg.perturb
+    cb = cfg.callbacks
     t, y = ts[0], y0
     k0 = rhs(t, y)
     check_finite_start(cfg, k0, t)
     control = make_controller(cfg, rhs, t, y, k0, ts[-1])
+    step_f, fresh_at, rejected = rhs, None, 0
     while not out.done:
         h, t_next = control.propose(t, out.next_time)
+        if marks is not None:
+            h, t_next = marks.clip(t, h, t_next)
         check_step(cfg, t, h, t_next, getattr(control, "failure", None))
-        y1, ks = rk_step(rhs, tab, t, y, k0, h)
+        if sided:
+            step_f, start_f = step_sides(rhs, marks, cfg.perturb, t, t_next)
+            if start_f is not rhs and fresh_at != t:
+                k0, fresh_at = start_f(t, y), t  # f just after t (a jump, or perturb), once
+        if cb is not None and cb.step is not None:
+            cb.step(t, y, h)
+        y1, ks = rk_step(step_f, tab, t, y, k0, h)
         if not control.accept(ks, y1, h, t):
             counts.n_rejected += 1
+            rejected += 1
+            if cb is not None and cb.reject is not None:
+                cb.reject(t, y, h)
+            if rejected > _MAX_REJECTIONS:  # a guard: shrinking steps end in underflow first
+                raise _stuck(t, h, rejected)
             continue
         counts.n_accepted += 1
+        rejected = 0
         if counts.n_accepted > cfg.max_num_steps:
             raise _too_many_steps(cfg, t, h, ts[-1])
-        k_end = out.emit(rhs, t, y, h, t_next, y1, ks)
+        if cb is not None and cb.accept is not None:
+            cb.accept(t, y, h)
+        k_end = out.emit(step_f, t, y, h, t_next, y1, ks)
         t, y = t_next, y1
         if not out.done:
             k0 = k_end if k_end is not None else rhs(t, y)
@@ -91,6 +122,16 @@ def integrate(
     if not bool(torch.isfinite(out.ys[-1]).all()):
         raise _not_finite(cfg, ts, out.ys, h)
     return out.ys, counts
+
+
+def _stuck(t: float, h: float, rejected: int) -> SolverError:
+    return SolverError(
+        f"the step from t={t:.17g} was rejected {rejected} times in a row without shrinking "
+        f"below h={abs(h):.3g}; check options['min_step'] and options['max_step'] against "
+        "rtol/atol",
+        t=t,
+        step_size=h,
+    )
 
 
 def _too_many_steps(cfg: Config, t: float, h: float, t_end: float) -> SolverError:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 from ._rk import dense_output
@@ -43,8 +44,10 @@ class Outputs:
         next_time: the next output time to reach (while not ``done``).
     """
 
-    def __init__(self, tab: ButcherTableau, ts: list[float], y0: Tensor) -> None:
-        self.tab, self.ts = tab, ts
+    def __init__(
+        self, tab: ButcherTableau, ts: list[float], y0: Tensor, interp: str | None = None
+    ) -> None:
+        self.tab, self.ts, self.interp = tab, ts, interp
         self.direction = 1.0 if ts[-1] >= ts[0] else -1.0
         self.ys = [y0]
         self.index = 1
@@ -75,11 +78,14 @@ class Outputs:
             if self.next_time == t_next:
                 self._store(y1, None)
             else:
-                if k_end is None:
-                    k_end = rhs(t_next, y1)
                 theta = (self.next_time - t) / h
-                stages = ks if tab.fsal else ks + [k_end]
-                self._store(dense_output(tab, y, stages, h, theta), theta)
+                if self.interp == "linear":  # torchdiffeq's default between fixed steps
+                    self._store(torch.lerp(y, y1, theta), theta)
+                else:
+                    if k_end is None:
+                        k_end = rhs(t_next, y1)
+                    stages = ks if tab.fsal else ks + [k_end]
+                    self._store(dense_output(tab, y, stages, h, theta), theta)
             self.index += 1
             self.done = self.index == len(ts)
             if not self.done:
@@ -93,8 +99,15 @@ class Outputs:
 class RecordedOutputs(Outputs):
     """:class:`Outputs` that also fill in a :class:`Record` of the steps and outputs."""
 
-    def __init__(self, tab: ButcherTableau, ts: list[float], y0: Tensor, record: Record) -> None:
-        super().__init__(tab, ts, y0)
+    def __init__(
+        self,
+        tab: ButcherTableau,
+        ts: list[float],
+        y0: Tensor,
+        record: Record,
+        interp: str | None = None,
+    ) -> None:
+        super().__init__(tab, ts, y0, interp)
         self.record = record
         record.outputs.append((-1, None))
 

@@ -17,7 +17,9 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from ._callbacks import callbacks_of
 from ._control import Config
+from ._landmarks import Landmarks, check_times
 from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
 __all__ = [
@@ -35,8 +37,9 @@ __all__ = [
 
 State = Tensor | tuple[Tensor, ...]
 
-_FIXED_OPTIONS = {"step_size", "max_num_steps"}
-_ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {
+_COMMON_OPTIONS = {"step_size", "max_num_steps", "norm"}
+_FIXED_OPTIONS = _COMMON_OPTIONS | {"grid_constructor", "interp", "perturb"}
+_ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "first_step",
     "min_step",
     "max_step",
@@ -45,7 +48,11 @@ _ADAPTIVE_OPTIONS = _FIXED_OPTIONS | {
     "dfactor",
     "pcoeff",
     "icoeff",
+    "step_t",
+    "jump_t",
+    "dtype",
 }
+_TIME_DTYPES = (torch.float32, torch.float64)
 
 
 def number(name: str, value) -> float:
@@ -98,9 +105,12 @@ def check_options(options, method: str | None, adaptive: bool = True) -> dict:
     valid = _ADAPTIVE_OPTIONS if adaptive else _FIXED_OPTIONS
     unknown = set(options) - valid
     if unknown:
+        other, kind = (
+            (_FIXED_OPTIONS, "fixed-step") if adaptive else (_ADAPTIVE_OPTIONS, "adaptive")
+        )
         extra = (
-            f" ({', '.join(sorted(unknown & _ADAPTIVE_OPTIONS))} only apply to adaptive methods)"
-            if unknown & _ADAPTIVE_OPTIONS
+            f" ({', '.join(sorted(unknown & other))} only apply to {kind} methods)"
+            if unknown & other
             else ""
         )
         for_method = f" for method {method!r}" if method is not None else ""
@@ -113,11 +123,36 @@ def check_options(options, method: str | None, adaptive: bool = True) -> dict:
         raise ValueError("options need dfactor < 1 < ifactor")
     if out.get("min_step", 0.0) > out.get("max_step", math.inf):
         raise ValueError("options['min_step'] must not exceed options['max_step']")
+    if "step_size" in out and "grid_constructor" in out:
+        raise ValueError("options['step_size'] and options['grid_constructor'] exclude each other")
+    if set(out.get("step_t", ())) & set(out.get("jump_t", ())):
+        raise ValueError("options['step_t'] and options['jump_t'] must not share times")
     return out
 
 
 def _option_value(key: str, value):
+    """One option's value, checked (and normalised: times as tuples, ``"rms"`` as None)."""
     name = f"options[{key!r}]"
+    if key in ("step_t", "jump_t"):
+        return check_times(key, value)
+    if key in ("norm", "grid_constructor"):
+        if key == "norm" and value == "rms":
+            return None  # the default norm, named
+        if not callable(value):
+            raise ValueError(f"{name} must be a function, got {value!r}")
+        return value
+    if key == "interp":
+        if value not in ("linear", "cubic"):
+            raise ValueError(f"{name} must be 'linear' or 'cubic', got {value!r}")
+        return value
+    if key == "perturb":
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} must be True or False, got {value!r}")
+        return value
+    if key == "dtype":
+        if value not in _TIME_DTYPES:
+            raise ValueError(f"{name} must be torch.float32 or torch.float64, got {value!r}")
+        return value
     if key == "max_num_steps":
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -144,6 +179,10 @@ def make_config(
     """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
     tab = get_tableau(method)
     options = check_options(options, tab.name, tab.adaptive)
+    # Times are Python floats (double precision) whatever dtype asks for: the option only
+    # names torchdiffeq's choice, and double precision is its default and the safe one.
+    options.pop("dtype", None)
+    marks = Landmarks(options.pop("step_t", ()), options.pop("jump_t", ()))
     if norm_sizes is not None:  # the error norm only reads the leading entries
         atol, rtol = atol[: sum(norm_sizes)], rtol[: sum(norm_sizes)]
     return replace(
@@ -154,6 +193,7 @@ def make_config(
             time_eps=time_eps,
             norm_sizes=norm_sizes,
             parts=parts,
+            landmarks=marks if marks else None,
         ),  # fmt: skip
         **options,
     )
@@ -270,15 +310,49 @@ class Problem:
         self.rtol = tolerance_vector("rtol", rtol, self.sizes, self.is_tuple, self.y0)
         self.atol, self.rtol = self.atol.view_as(self.y0), self.rtol.view_as(self.y0)
         self.time_eps = torch.finfo(self.t_dtype).eps
+        self.func = func
         self.rhs = self._make_rhs(func)
 
     def config(self, method: str, options: dict | None) -> Config:
+        """The solver settings of this problem: ``method``, ``options`` and what ``func``
+        brings (its step callbacks), with a user's ``norm`` and ``grid_constructor`` bound to
+        the problem's structure."""
         sizes = tuple(self.sizes) if self.is_tuple and len(self.sizes) > 1 else None
         parts = tuple(tuple(s) for s in self.shapes) if self.is_tuple else None
-        return make_config(
+        cfg = make_config(
             method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes,
             parts=parts,
         )  # fmt: skip
+        changes = {}
+        if cfg.norm is not None:
+            user_norm, to_user = cfg.norm, self.to_user
+            changes["norm"] = lambda x: user_norm(to_user(x))
+        if cfg.grid_constructor is not None:
+            changes["grid"] = self._grid(cfg.grid_constructor)
+        callbacks = callbacks_of(self.func, to_user=self.to_user, adaptive=cfg.adaptive)
+        if callbacks is not None:
+            changes["callbacks"] = callbacks
+        return replace(cfg, **changes) if changes else cfg
+
+    def to_user(self, y: Tensor) -> State:
+        """One flat state (shaped like ``self.y0``) in the user's structure."""
+        if not self.is_tuple:
+            return y
+        return tuple(p.view(s) for p, s in zip(y.split(self.sizes), self.shapes))
+
+    def _grid(self, grid_constructor) -> tuple[float, ...]:
+        """torchdiffeq's ``grid_constructor(func, y0, t)``: the fixed steps' times, checked."""
+        y0 = self.to_user(self.y0)
+        grid = grid_constructor(self.func, y0, self.t)
+        grid_t, times = _check_times(grid)
+        if times[0] != self.ts[0] or times[-1] != self.ts[-1]:
+            raise ValueError(
+                "grid_constructor must return a grid that starts at t[0] and ends at t[-1]; "
+                f"got {times[0]!r} ... {times[-1]!r} for t from {self.ts[0]!r} to {self.ts[-1]!r}"
+            )
+        if len(times) > 1 and (times[1] > times[0]) != (self.ts[-1] > self.ts[0]):
+            raise ValueError("grid_constructor's grid must run in the direction of t")
+        return tuple(times)
 
     def unflatten(self, ys: Tensor) -> State:
         """Stacked states ``(T, *y0.shape)`` back to the user's structure, each ``(T, *shape)``."""
@@ -290,7 +364,7 @@ class Problem:
         )
 
     def _make_rhs(self, func: Callable) -> Callable[[float, Tensor], Tensor]:
-        dtype, device, t_dtype = self.dtype, self.device, self.t_dtype
+        dtype, device = self.dtype, self.device
         checked = False
 
         def check(out) -> None:
@@ -317,20 +391,25 @@ class Problem:
                 )
             checked = True
 
+        def time(t: float, side: float) -> Tensor:
+            # In the state's dtype, as torchdiffeq hands it to func: a float64 t with a float32
+            # state must not turn func's result into float64. side: the neighbouring float.
+            tt = torch.full((), t, dtype=dtype, device=device)
+            return torch.nextafter(tt, torch.full_like(tt, side * math.inf)) if side else tt
+
         if not self.is_tuple:
 
-            def rhs(t: float, y: Tensor) -> Tensor:
-                out = func(torch.full((), t, dtype=t_dtype, device=device), y)
+            def rhs(t: float, y: Tensor, side: float = 0.0) -> Tensor:
+                out = func(time(t, side), y)
                 if not checked:
                     check(out)
                 return out
 
         else:
-            shapes, sizes = self.shapes, self.sizes
+            to_user = self.to_user
 
-            def rhs(t: float, y: Tensor) -> Tensor:
-                ys = tuple(p.view(s) for p, s in zip(y.split(sizes), shapes))
-                out = func(torch.full((), t, dtype=t_dtype, device=device), ys)
+            def rhs(t: float, y: Tensor, side: float = 0.0) -> Tensor:
+                out = func(time(t, side), to_user(y))
                 if not checked:
                     check(out)
                 return torch.cat([o.reshape(-1) for o in out])
