@@ -199,7 +199,7 @@ def _far_end(cfg: Config, t0: float, direction: float) -> float:
     """Where the controller aims: nowhere for adaptive steps; past the last step for fixed."""
     if cfg.adaptive:
         return direction * math.inf
-    return t0 + direction * cfg.step_size * (cfg.max_num_steps + 1)
+    return t0 + direction * cfg.step_size * cfg.max_num_steps
 
 
 def _accepted_step(
@@ -245,7 +245,7 @@ def find_event(
         step = _accepted_step(rhs, cfg, control, t, y, k0, t_max)
         g1 = event.signed(step.t_next, step.y1)
         if not (math.isfinite(g1) and (cfg.adaptive or bool(torch.isfinite(step.y1).all()))):
-            raise _not_finite(step, g1)
+            raise _not_finite(step, cfg, g1)
         if g1 <= 0:
             t_star = _locate(step, cfg, event, g, g1)
             return t_star, step.state(cfg, t_star), first
@@ -260,12 +260,20 @@ def find_event(
     )
 
 
-def _not_finite(step: _Step, g: float) -> SolverError:
-    what = "the solution" if not bool(torch.isfinite(step.y1).all()) else "event_fn(t, y)"
+def _not_finite(step: _Step, cfg: Config, g: float) -> SolverError:
+    if bool(torch.isfinite(step.y1).all()):
+        what, advice = "event_fn(t, y) is not finite", "check event_fn"
+    elif cfg.adaptive:
+        what = "the solution overflows"
+        advice = "it grows without bound and the event may never happen; check the vector field"
+    else:
+        what, advice = (
+            "the solution is not finite",
+            "reduce the step size or use an adaptive method",
+        )
     return SolverError(
-        f"{what} is not finite at t={step.t_next:.17g} (step {abs(step.h):.3g}) before the "
-        "event; reduce the step size, use an adaptive method, or check the vector field and "
-        f"event_fn (signed event value {g})",
+        f"{what} before the event, at t={step.t_next:.17g} (step {abs(step.h):.3g}, signed "
+        f"event value {g}); {advice}",
         t=step.t_next,
         step_size=abs(step.h),
     )
