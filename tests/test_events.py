@@ -149,12 +149,12 @@ def test_gradients_of_the_landing_time_and_speed_match_the_closed_form(interface
     # t* = t0 + (v0 + root) / g
     expected = [1 / root, (1 + v0 / root) / G, 1.0, -(v0 + root) / G**2 + h0 / (G * root)]
     got = [*dt[0].tolist(), dt[1].item(), dt[2].item()]
-    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-8, (got, expected)
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12, (got, expected)
     # the landing speed v* = -root
     dv = torch.autograd.grad(ys[1, 1], (y0, t0, ball.g))
     expected = [-G / root, -v0 / root, 0.0, -h0 / root]
     got = [*dv[0].tolist(), dv[1].item(), dv[2].item()]
-    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-8, (got, expected)
+    assert max(abs(a - b) for a, b in zip(got, expected)) < 1e-12, (got, expected)
 
 
 def test_gradients_in_float32():
@@ -231,7 +231,7 @@ def test_gradients_match_finite_differences_on_a_nonlinear_problem(interface):
         up[i] += eps
         down[i] -= eps
         fd.append((value(y0.detach(), up) - value(y0.detach(), down)) / (2 * eps))
-    assert max(abs(a - b) for a, b in zip(got, fd)) < 1e-6, (got, fd)
+    assert max(abs(a - b) for a, b in zip(got, fd)) < 1e-7, (got, fd)
 
 
 def test_agreement_with_torchdiffeq():
