@@ -14,10 +14,16 @@ is positive until the first entry crosses zero. The first accepted step whose en
 :math:`g \le 0` brackets the crossing; inside it the solution is the tableau's dense output, a
 polynomial in time, and the crossing of :math:`g` along it is found by regula falsi with the
 Illinois modification (a bisection step whenever the bracket fails to halve twice in a row)
-until the bracket is a few units in the last place of the time wide. The event time returned is
+until the bracket is a few float64 units in the last place wide. The event time returned is
 the bracket's far end: the first time found where the event has happened (:math:`g \le 0`).
 A crossing and a crossing back inside one step, or a zero touched without crossing, are not
 seen (as in torchdiffeq).
+
+With :func:`cnf.ode.odeint` the search's steps are the solve that autograd differentiates (the
+state at the event is the dense output at the fixed time :math:`t^*`). With
+:func:`cnf.ode.odeint_adjoint` the search runs without a graph and, where gradients are wanted,
+the adjoint solve runs from :math:`t_0` to :math:`t^*` (with the search's first step, so the
+same steps but the last); the values returned stay the search's.
 
 **Gradients through the event time.** The event time :math:`t^*` is defined implicitly by
 :math:`c(t^*, y(t^*; \theta)) = 0`, with :math:`\theta` anything the solution depends on
