@@ -29,6 +29,7 @@ from .ode import (
     SolverStats,
     odeint,
     odeint_adjoint,
+    odeint_event,
     solve,
 )
 from .settings import SolverSettings
@@ -80,6 +81,7 @@ __all__ = [
     "divergence_hutchinson",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "sample_noise",
     "solve",
 ]

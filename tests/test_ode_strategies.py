@@ -67,6 +67,7 @@ def test_public_names():
         "adjoint_strategy",
         "odeint",
         "odeint_adjoint",
+        "odeint_event",
         "solve",
     }
     assert ode.METHODS == ("bosh3", "dopri5", "euler", "midpoint", "rk4", "tsit5")

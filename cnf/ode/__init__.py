@@ -20,9 +20,18 @@ steps taken. Gradients come from backpropagation through the steps, or, with ``a
 an adjoint strategy: :class:`Checkpoint` (replays the recorded steps: exact for the discrete
 solution) or :class:`Backsolve` (solves the adjoint ODE backwards in constant memory);
 :func:`adjoint_strategy` turns torchdiffeq's ``adjoint_options`` into one.
+
+Events, as in torchdiffeq: ``odeint(func, y0, t, event_fn=...)`` (``t`` of 2 entries: the
+start and the direction; fixed-step methods need ``options["step_size"]``) solves until
+``event_fn(t, y)`` crosses zero (with several entries, the first to cross), found on the dense
+output to a few ulps of the time, and returns ``(event_t, solution at [t[0], event_t])``;
+:func:`odeint_event` (with :func:`odeint` or :func:`odeint_adjoint`) also differentiates the
+event time, by the implicit function theorem. ``SolverError`` if no crossing comes within
+``max_num_steps`` steps.
 """
 
 from ._errors import SolverError
+from ._event import odeint_event
 from ._solve import Solution, SolverStats, odeint, odeint_adjoint, solve
 from ._strategies import Backsolve, Checkpoint, adjoint_strategy
 from .tableaus import METHODS, TABLEAUS, ButcherTableau
@@ -39,5 +48,6 @@ __all__ = [
     "adjoint_strategy",
     "odeint",
     "odeint_adjoint",
+    "odeint_event",
     "solve",
 ]

@@ -204,22 +204,42 @@ def _plain_solve(problem: Problem, config: Config) -> Solution:
     return Solution(problem.unflatten(ys), SolverStats()._set_forward(counts))
 
 
-def odeint(func: VectorField, y0: State, t: Tensor, **kwargs: Unpack[SolverKeywords]) -> State:
+def odeint(
+    func: VectorField,
+    y0: State,
+    t: Tensor,
+    *,
+    event_fn: Callable | None = None,
+    **kwargs: Unpack[SolverKeywords],
+) -> State | tuple[Tensor, State]:
     """Solve an ODE; a drop-in for ``torchdiffeq.odeint``.
 
     Takes :func:`solve`'s ``method``, ``rtol``, ``atol`` and ``options``. Gradients come from
     backpropagation through the solver's operations (the step sizes are constants), and reach
     ``y0``, the parameters ``func`` uses, and ``t``.
 
+    With ``event_fn(t, y) -> Tensor``, ``t`` has 2 entries (the start and the direction) and
+    the solve runs until ``event_fn`` crosses zero: see :mod:`cnf.ode._event`.
+
     Returns:
-        the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple.
+        the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple; with
+        ``event_fn``, ``(event_t, solution at [t[0], event_t])``.
     """
+    if event_fn is not None:
+        from ._event import odeint_until_event  # _event builds on this module
+
+        return odeint_until_event(func, y0, t, event_fn, adjoint=False, **kwargs)
     return solve(func, y0, t, adjoint=False, **kwargs).ys
 
 
 def odeint_adjoint(
-    func: VectorField, y0: State, t: Tensor, **kwargs: Unpack[AdjointKeywords]
-) -> State:
+    func: VectorField,
+    y0: State,
+    t: Tensor,
+    *,
+    event_fn: Callable | None = None,
+    **kwargs: Unpack[AdjointKeywords],
+) -> State | tuple[Tensor, State]:
     """Solve an ODE with adjoint gradients; a drop-in for ``torchdiffeq.odeint_adjoint``.
 
     Takes :func:`solve`'s keywords but ``adjoint``. Gradients reach ``y0``, ``t`` and
@@ -234,9 +254,16 @@ def odeint_adjoint(
     ``mode="checkpoint"`` or ``"backsolve"`` chooses explicitly. :func:`solve` is stricter:
     there, backsolve settings need ``mode="backsolve"``.
 
+    ``event_fn`` as in :func:`odeint`.
+
     Returns:
-        the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple.
+        the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple; with
+        ``event_fn``, ``(event_t, solution at [t[0], event_t])``.
     """
     settings = {key: kwargs.pop(key, None) for key in ADJOINT_KEYWORDS}
     strategy = to_strategy(True, **settings, implied_backsolve=True)
+    if event_fn is not None:
+        from ._event import odeint_until_event  # _event builds on this module
+
+        return odeint_until_event(func, y0, t, event_fn, adjoint=strategy, **kwargs)
     return solve(func, y0, t, adjoint=strategy, **kwargs).ys
