@@ -183,9 +183,8 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
                 interior.append((i, theta))
         if cb is not None:
             t_n, h_n, y_n = record.steps[n]
-            for hook in (cb.step, cb.accept):
-                if hook is not None:
-                    hook(t_n, y_n, h_n)
+            cb.step(t_n, y_n, h_n)
+            cb.accept(t_n, y_n, h_n)
         grads = _replay_step(
             solve, rhs, record.steps[n], a, [(grad_ys[i], th) for i, th in interior]
         )

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["CALLBACK_NAMES", "Callbacks", "callbacks_of"]
+__all__ = ["CALLBACK_NAMES", "NO_CALLBACKS", "Callbacks", "callbacks_of"]
 
 CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step")
 """The callbacks ``func`` may define (add ``_adjoint`` for the backward pass's)."""
@@ -25,13 +25,22 @@ CALLBACK_NAMES = ("callback_step", "callback_accept_step", "callback_reject_step
 Hook = Callable[[float, Tensor, float], None]
 
 
+def _nothing(t: float, y: Tensor, h: float) -> None:
+    pass
+
+
 @dataclass(frozen=True)
 class Callbacks:
-    """The solver-side hooks ``hook(t, y, h)`` on the flat state; None where ``func`` has none."""
+    """The solver-side hooks ``hook(t, y, h)`` on the flat state; no-ops where ``func`` has
+    none, so that the step loop calls them unconditionally."""
 
-    step: Hook | None = None
-    accept: Hook | None = None
-    reject: Hook | None = None
+    step: Hook = _nothing
+    accept: Hook = _nothing
+    reject: Hook = _nothing
+
+
+NO_CALLBACKS = Callbacks()
+"""What a solve without callbacks calls: nothing."""
 
 
 def callbacks_of(
@@ -53,9 +62,9 @@ def callbacks_of(
             stacklevel=4,
         )
 
-    def wrap(callback) -> Hook | None:
+    def wrap(callback) -> Hook:
         if not callable(callback):
-            return None
+            return _nothing
 
         def hook(t: float, y: Tensor, h: float) -> None:
             f64 = torch.float64
@@ -66,4 +75,4 @@ def callbacks_of(
         return hook
 
     step, accept, reject = (wrap(cb) for cb in found)
-    return Callbacks(step, accept if adaptive else None, reject if adaptive else None)
+    return Callbacks(step, accept, reject) if adaptive else Callbacks(step)

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._callbacks import NO_CALLBACKS
 from ._control import Config, check_finite_start, check_step, make_controller
 from ._errors import SolverError, describe_non_finite
 from ._landmarks import step_sides
@@ -45,30 +46,18 @@ def integrate(
     *,
     record: Record | None = None,
 ) -> tuple[list[Tensor], Counts]:
-    """Solve ``dy/dt = f(t, y)``, ``y(ts[0]) = y0`` and return ``y`` at every time in ``ts``.
+    """Solve ``dy/dt = f(t, y)``, ``y(ts[0]) = y0``: ``[y(ts[0]), y(ts[1]), ...]`` and the counts.
 
-    Args:
-        f: ``f(t, y) -> dy/dt`` on states shaped like ``y0``.
-        y0: the initial state, any shape.
-        ts: output times, strictly monotonic (increasing or decreasing).
-        cfg: the method, tolerances and options.
-        record: filled in with the accepted steps, for the checkpoint adjoint.
-
-    Returns:
-        ``[y(ts[0]), y(ts[1]), ...]`` each shaped like ``y0``, and the counts.
+    ``f(t, y[, side])`` works on states shaped like ``y0``; ``ts`` is strictly monotonic;
+    ``record`` is filled in with the accepted steps, for the checkpoint adjoint.
 
     Raises:
-        SolverError: the step size fell below ``min_step`` or below what the time's precision
-            can resolve, more than ``max_num_steps`` steps were needed, or a fixed-step solve
-            produced non-finite values.
+        SolverError: the steps underflowed, ``f`` went non-finite, more than
+            ``max_num_steps`` steps were needed, or the steps kept being rejected.
     """
     counts = Counts()
     tab = cfg.tableau
-    out = (
-        Outputs(tab, ts, y0, cfg.interp)
-        if record is None
-        else RecordedOutputs(tab, ts, y0, record, cfg.interp)
-    )
+    out = _outputs(cfg, ts, y0, record)
     if out.done:
         return out.ys, counts
 
@@ -78,50 +67,68 @@ def integrate(
 
     # step_t/jump_t/perturb (torchdiffeq's options for fields that jump in time) and the step
     # callbacks; without them the loop below is the plain one.
-    marks = cfg.landmarks if cfg.adaptive else None
-    sided = marks is not None or cfg.perturb
-    cb = cfg.callbacks
+    sides = _Sides(cfg, rhs) if (cfg.landmarks and cfg.adaptive) or cfg.perturb else None
+    cb = cfg.callbacks or NO_CALLBACKS
     t, y = ts[0], y0
     k0 = rhs(t, y)
     check_finite_start(cfg, k0, t)
     control = make_controller(cfg, rhs, t, y, k0, ts[-1])
-    step_f, fresh_at, rejected = rhs, None, 0
+    step_f, rejected = rhs, 0
     while not out.done:
         h, t_next = control.propose(t, out.next_time)
-        if marks is not None:
-            h, t_next = marks.clip(t, h, t_next)
+        if sides is not None:
+            h, t_next, step_f, k0 = sides.plan(t, h, t_next, y, k0)
         check_step(cfg, t, h, t_next, getattr(control, "failure", None))
-        if sided:
-            step_f, start_f = step_sides(rhs, marks, cfg.perturb, t, t_next)
-            if start_f is not rhs and fresh_at != t:
-                k0, fresh_at = start_f(t, y), t  # f just after t (a jump, or perturb), once
-        if cb is not None and cb.step is not None:
-            cb.step(t, y, h)
+        cb.step(t, y, h)
         y1, ks = rk_step(step_f, tab, t, y, k0, h)
         if not control.accept(ks, y1, h, t):
-            counts.n_rejected += 1
-            rejected += 1
-            if cb is not None and cb.reject is not None:
-                cb.reject(t, y, h)
+            counts.n_rejected, rejected = counts.n_rejected + 1, rejected + 1
+            cb.reject(t, y, h)
             if rejected > _MAX_REJECTIONS:  # a guard: shrinking steps end in underflow first
                 raise _stuck(t, h, rejected)
             continue
-        counts.n_accepted += 1
-        rejected = 0
+        counts.n_accepted, rejected = counts.n_accepted + 1, 0
         if counts.n_accepted > cfg.max_num_steps:
             raise _too_many_steps(cfg, t, h, ts[-1])
-        if cb is not None and cb.accept is not None:
-            cb.accept(t, y, h)
+        cb.accept(t, y, h)
         k_end = out.emit(step_f, t, y, h, t_next, y1, ks)
         t, y = t_next, y1
         if not out.done:
             k0 = k_end if k_end is not None else rhs(t, y)
     counts.step_size = control.step_size
+    _check_finite_end(cfg, ts, out.ys, h)
+    return out.ys, counts
+
+
+class _Sides:
+    """Steps landing on ``step_t``/``jump_t`` and reading ``f`` on the inner side of jumps (or
+    of every step, with ``perturb``): see :mod:`cnf.ode._landmarks`."""
+
+    def __init__(self, cfg: Config, rhs) -> None:
+        self.marks = cfg.landmarks if cfg.adaptive else None
+        self.perturb, self.rhs, self.fresh_at = cfg.perturb, rhs, None
+
+    def plan(self, t: float, h: float, t_next: float, y: Tensor, k0: Tensor):
+        """The step from ``t`` as it will be taken: ``(h, t_next, its rhs, its k0)``."""
+        if self.marks is not None:
+            h, t_next = self.marks.clip(t, h, t_next)
+        step_f, start_f = step_sides(self.rhs, self.marks, self.perturb, t, t_next)
+        if start_f is not self.rhs and self.fresh_at != t:
+            k0, self.fresh_at = start_f(t, y), t  # f just after t (a jump, or perturb), once
+        return h, t_next, step_f, k0
+
+
+def _check_finite_end(cfg: Config, ts: list[float], ys: list[Tensor], h: float) -> None:
     # Adaptive steps reject non-finite error estimates; this also catches fixed steps that
     # overflowed (and the exotic adaptive case of a finite estimate with an overflowing sum).
-    if not bool(torch.isfinite(out.ys[-1]).all()):
-        raise _not_finite(cfg, ts, out.ys, h)
-    return out.ys, counts
+    if not bool(torch.isfinite(ys[-1]).all()):
+        raise _not_finite(cfg, ts, ys, h)
+
+
+def _outputs(cfg: Config, ts: list[float], y0: Tensor, record: Record | None) -> Outputs:
+    if record is None:
+        return Outputs(cfg.tableau, ts, y0, cfg.interp)
+    return RecordedOutputs(cfg.tableau, ts, y0, record, cfg.interp)
 
 
 def _stuck(t: float, h: float, rejected: int) -> SolverError:
