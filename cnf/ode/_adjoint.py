@@ -49,7 +49,7 @@ class AdjointSolve:
         self.problem, self.config, self.params = problem, config, params
         # Built now, not in the backward pass, so that bad settings fail at the call.
         self.backward_config = (
-            _backsolve_config(problem, config, strategy, sum(p.numel() for p in params))
+            _backsolve_config(problem, config, strategy, params)
             if isinstance(strategy, Backsolve)
             else None
         )
@@ -84,7 +84,7 @@ class AdjointSolve:
 
 
 def _backsolve_config(
-    problem: Problem, config: Config, strategy: Backsolve, n_params: int
+    problem: Problem, config: Config, strategy: Backsolve, params: tuple[Tensor, ...]
 ) -> Config:
     """The backward solver's settings for the augmented state ``[y, a, g]``.
 
@@ -93,6 +93,7 @@ def _backsolve_config(
     ``y``, of ``a``, and ``g``), so the many gradient entries cannot average away the error of
     the few state entries; the seminorm leaves ``g`` out.
     """
+    n_params = sum(p.numel() for p in params)
     tol_y = [
         forward.reshape(-1)
         if tol is None
@@ -106,9 +107,30 @@ def _backsolve_config(
     leave_out_g = strategy.norm == "seminorm" or not n_params
     sections = (*problem.sizes, *problem.sizes) + (() if leave_out_g else (n_params,))
     method = strategy.method if strategy.method is not None else config.tableau.name
+    if callable(strategy.norm):
+        cfg = make_config(method, *tols, strategy.options, time_eps=problem.time_eps)
+        return replace(cfg, norm=_user_adjoint_norm(problem, strategy.norm, params))
     return make_config(
         method, *tols, strategy.options, time_eps=problem.time_eps, norm_sizes=sections
     )
+
+
+def _user_adjoint_norm(problem: Problem, norm: Callable, params: tuple[Tensor, ...]):
+    """A user's adjoint norm on the flat scaled error of ``[y, a, g]``, called as torchdiffeq
+    calls it: with ``(t, *y, *adj_y, *adj_params)`` in the user's shapes."""
+    n, shape = problem.y0.numel(), problem.y0.shape
+    sizes = [p.numel() for p in params]
+
+    def parts(tensor: Tensor) -> tuple[Tensor, ...]:
+        user = problem.to_user(tensor.view(shape))
+        return user if problem.is_tuple else (user,)
+
+    def apply(z: Tensor):
+        gs = [g.view_as(p) for g, p in zip(z[2 * n :].split(sizes), params)]
+        t = z.new_zeros(())
+        return norm((t, *parts(z[:n]), *parts(z[n : 2 * n]), *gs))
+
+    return apply
 
 
 class _AdjointFunction(torch.autograd.Function):

@@ -8,7 +8,7 @@ turned into a strategy by :func:`adjoint_strategy` and nowhere else.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
@@ -69,7 +69,9 @@ class Backsolve:
     Args:
         norm: ``"rms"`` controls the error of all of ``[y, a, g]``; ``"seminorm"`` (Kidger,
             Chen & Lyons 2021) leaves ``g`` out: it does not feed back into the dynamics, so
-            controlling its error only costs steps.
+            controlling its error only costs steps. Or a function, as in torchdiffeq, of the
+            scaled error as the tuple ``(t, *y, *adj_y, *adj_params)`` (``t`` is a zero
+            0-dim tensor: cnf's backward solve carries no time channel) returning its norm.
         rtol, atol: tolerances of the backward solve, a number or one per tensor of a tuple
             state (None: the forward's).
         method: method of the backward solve, one of :data:`cnf.ode.METHODS` (None: the
@@ -85,7 +87,7 @@ class Backsolve:
         Backsolve(norm='seminorm', rtol=1e-05, atol=None, method=None, options=None)
     """
 
-    norm: str = "rms"
+    norm: str | Callable = "rms"
     rtol: Tolerance | None = None
     atol: Tolerance | None = None
     method: str | None = None
@@ -93,9 +95,10 @@ class Backsolve:
     options: Mapping | None = field(default=None, hash=False)
 
     def __post_init__(self) -> None:
-        if self.norm not in NORMS:
+        if not callable(self.norm) and self.norm not in NORMS:
             raise ValueError(
-                f"unknown adjoint norm {self.norm!r}; choose one of {', '.join(NORMS)}"
+                f"unknown adjoint norm {self.norm!r}; choose one of {', '.join(NORMS)}, or "
+                "pass a function of the tuple (t, *y, *adj_y, *adj_params)"
             )
         put = object.__setattr__  # frozen: normalise the fields once, here
         put(self, "rtol", _tolerance("adjoint_rtol", self.rtol))
