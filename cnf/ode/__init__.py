@@ -8,12 +8,25 @@ Runge-Kutta step.
 Solver options (``options=``), all optional:
 
 * every method: ``step_size`` (fixed steps; a fixed-step method without it steps from one
-  output time to the next) and ``max_num_steps`` (default 10000);
+  output time to the next), ``max_num_steps`` (default 10000) and ``norm`` (a function of the
+  scaled error, in the state's structure, returning its norm; default: the largest RMS over
+  the tensors of the state);
 * adaptive methods: ``first_step`` (default: Hairer, Norsett & Wanner's estimate),
-  ``min_step``, ``max_step``, and the PI controller's ``safety`` (0.9), ``ifactor`` (10),
+  ``min_step`` (a floor: a step of ``min_step`` stands whatever its error, with a warning),
+  ``max_step``, ``step_t`` (times to step onto, e.g. kinks of ``f``), ``jump_t`` (times where
+  ``f`` jumps: stepped onto, with ``f`` read on each side), ``dtype`` (accepted; times are
+  always double precision), and the PI controller's ``safety`` (0.9), ``ifactor`` (10),
   ``dfactor`` (0.2), ``pcoeff`` (0.2), ``icoeff`` (0.65):
   ``h_new = h * safety * r_n^(-(pcoeff + icoeff)/q) * r_{n-1}^(pcoeff/q)`` with ``r`` the
-  error ratio and ``q`` the method's order, clipped to ``[dfactor, ifactor]``.
+  error ratio and ``q`` the method's order, clipped to ``[dfactor, ifactor]``;
+* fixed-step methods: ``grid_constructor`` (``(func, y0, t) -> grid``, instead of
+  ``step_size``), ``perturb`` (read ``f`` just inside each step's ends, for fields that jump
+  on the grid) and ``interp`` (outputs between steps: ``"cubic"``, the default, or
+  ``"linear"``, torchdiffeq's default).
+
+``func`` receives ``t`` in the state's dtype. Its methods ``callback_step``,
+``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint`` variants, for the
+backward pass) are called with ``(t0, y0, dt)`` as the solver steps.
 
 Adaptive methods reach output times by dense output, so the times asked for never change the
 steps taken. Gradients come from backpropagation through the steps, or, with ``adjoint=``, from
