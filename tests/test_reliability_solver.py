@@ -212,7 +212,7 @@ def test_integer_times_are_fine():
 
 # --- tolerances and options: one rule for numbers -------------------------------------------------
 
-BAD_TOLERANCES = ["1e-3", True, math.nan, math.inf, -1e-3, 0.0, [1e-3], torch.ones(2)]
+BAD_TOLERANCES = ["1e-3", True, math.nan, math.inf, -1e-3, 0.0, [1e-3], torch.ones(3)]
 GOOD_TOLERANCES = [1e-3, 1, np.float32(1e-3), np.float64(1e-3), torch.tensor(1e-3)]
 
 
@@ -296,7 +296,7 @@ def test_bad_step_size_for_fixed_methods():
         solve(decay, torch.ones(2), T01, method="rk4", options={"step_size": 1e-9})
 
 
-@pytest.mark.parametrize("method", [None, "RK45", 5])
+@pytest.mark.parametrize("method", [None, "RK45", 5])  # solve takes names only (odeint: None)
 def test_unknown_methods(method):
     with pytest.raises(ValueError, match="unknown method"):
         solve(decay, torch.ones(2), T01, method=method)

@@ -390,3 +390,20 @@ def test_unknown_options_are_still_refused():
         odeint(lambda t, y: -y, torch.ones(1), T01.float(), options={"jump_locations": [0.5]})
     with pytest.raises(ValueError, match="only apply to fixed-step methods"):
         odeint(lambda t, y: -y, torch.ones(1), T01.float(), options={"perturb": True})
+
+
+def test_method_none_is_dopri5_and_tolerances_may_be_per_entry():
+    """torchdiffeq's signature: method=None means its default; rtol/atol tensors hold one
+    tolerance per entry of the state."""
+    f = Decay().double()
+    y0 = torch.ones(3, dtype=F64)
+    default = odeint(f, y0, T01)
+    torch.testing.assert_close(odeint(f, y0, T01, method=None), default, rtol=0, atol=0)
+    torch.testing.assert_close(odeint_adjoint(f, y0, T01, method=None), default, rtol=0, atol=0)
+    loose = torch.tensor([1e-3, 1e-3, 1e-9], dtype=F64)
+    ys = odeint(f, y0, T01, rtol=loose, atol=loose)
+    assert ys[-1, 2].item() == pytest.approx(f.exact(1.0, 1.0), rel=1e-8)
+    with pytest.raises(ValueError, match="one tolerance per state entry"):
+        odeint(f, y0, T01, rtol=torch.ones(2, dtype=F64))
+    with pytest.raises(ValueError, match="positive and finite in every entry"):
+        odeint(f, y0, T01, rtol=torch.tensor([1e-3, 0.0, 1e-3], dtype=F64))

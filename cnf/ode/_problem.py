@@ -253,7 +253,18 @@ def _check_times(t) -> tuple[Tensor, list[float]]:
 
 
 def tolerance_vector(name: str, tol, sizes: list[int], is_tuple: bool, like: Tensor) -> Tensor:
-    """One tolerance per state entry, shape ``(sum(sizes),)``, from a number or one per tensor."""
+    """One tolerance per state entry, shape ``(sum(sizes),)``: from a number, one per tensor of
+    a tuple state, or (as torchdiffeq documents) a tensor with one per entry of the state."""
+    if isinstance(tol, Tensor) and tol.numel() > 1:
+        if tol.numel() != sum(sizes) or tol.is_complex() or not tol.is_floating_point():
+            raise ValueError(
+                f"{name} as a tensor must be real and hold one tolerance per state entry "
+                f"({sum(sizes)}), got {tol.dtype} of shape {tuple(tol.shape)}"
+            )
+        flat = tol.detach().reshape(-1).to(dtype=like.dtype, device=like.device)
+        if not bool(((flat > 0) & torch.isfinite(flat)).all()):
+            raise ValueError(f"{name} must be positive and finite in every entry")
+        return flat
     if isinstance(tol, (tuple, list)):
         if not is_tuple:
             raise ValueError(f"{name} is a sequence, which is only allowed for a tuple state")

@@ -225,11 +225,18 @@ def odeint(
         the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple; with
         ``event_fn``, ``(event_t, solution at [t[0], event_t])``.
     """
+    _default_method(kwargs)
     if event_fn is not None:
         from ._event import odeint_until_event  # _event builds on this module
 
         return odeint_until_event(func, y0, t, event_fn, adjoint=False, **kwargs)
     return solve(func, y0, t, adjoint=False, **kwargs).ys
+
+
+def _default_method(kwargs: dict) -> None:
+    """torchdiffeq's ``method=None``: its default, dopri5 (:func:`solve` takes names only)."""
+    if "method" in kwargs and kwargs["method"] is None:
+        kwargs["method"] = "dopri5"
 
 
 def odeint_adjoint(
@@ -260,6 +267,7 @@ def odeint_adjoint(
         the solution at every time of ``t``: shape ``(len(t), *y0.shape)``, or a tuple; with
         ``event_fn``, ``(event_t, solution at [t[0], event_t])``.
     """
+    _default_method(kwargs)
     settings = {key: kwargs.pop(key, None) for key in ADJOINT_KEYWORDS}
     strategy = to_strategy(True, **settings, implied_backsolve=True)
     if event_fn is not None:
