@@ -5,6 +5,9 @@ cnf's explicit methods can only solve in very many tiny steps. scipy integrates 
 arrays on the CPU: ``func`` is called one state at a time on tensors of ``y0``'s dtype and
 device (a tuple state as its tuple), and the solution comes back in ``y0``'s dtype and device.
 
+A non-finite ``f`` stops the solve at once with a :class:`SolverError` naming the time (LSODA
+would otherwise retry it without end), as does a failure scipy reports.
+
 No gradients flow through scipy, so a solve that would need them (an adjoint, or autograd
 enabled while ``y0``, ``t`` or what ``func`` computes with requires grad) is refused with a
 ``ValueError`` that says what to do instead, rather than answered with detached tensors.
@@ -90,11 +93,10 @@ def scipy_solve(problem: Problem, options: Mapping | None, adjoint: bool) -> tup
         **kwargs,
     )
     if not sol.success or not np.isfinite(sol.y).all():
-        t_end = float(sol.t[-1]) if len(sol.t) else problem.ts[0]
         reason = sol.message if not sol.success else "the solution is not finite"
         raise SolverError(
-            f"scipy's solve_ivp ({solver}) stopped near t={t_end:.17g}: {reason}",
-            t=t_end,
+            f"scipy's solve_ivp ({solver}) stopped near t={field.t_last:.17g}: {reason}",
+            t=field.t_last,
             step_size=float("nan"),
         )
     ys = torch.tensor(sol.y.T, dtype=y0.dtype, device=y0.device).reshape(-1, *y0.shape)
@@ -146,6 +148,7 @@ class _NumpyField:
         self.rhs, self.nfe = problem.rhs, 0
         self.dtype, self.device, self.shape = problem.dtype, problem.device, problem.y0.shape
         self.t0, y0 = problem.ts[0], problem.y0.detach()
+        self.t_last = self.t0  # the time of the latest evaluation: where a failed solve stopped
         f0 = self.rhs(self.t0, y0)
         self.nfe += 1
         if torch.is_grad_enabled() and f0.requires_grad:
@@ -162,9 +165,21 @@ class _NumpyField:
             if t == self.t0 and np.array_equal(y, y0):
                 return f0
         self.nfe += 1
+        self.t_last = float(t)
         state = torch.tensor(y, dtype=self.dtype, device=self.device).view(self.shape)
         with torch.no_grad():
-            return _to_numpy(self.rhs(float(t), state))
+            out = _to_numpy(self.rhs(self.t_last, state))
+        if not np.isfinite(out).all():
+            # Stop here: scipy's solvers may otherwise retry a non-finite field without end
+            # (LSODA on a solution that blows up).
+            raise SolverError(
+                f"func(t, y) returned NaN or Inf at t={self.t_last:.17g} (the state "
+                f"{'is' if np.isfinite(y).all() else 'is not'} finite there); the solution may "
+                "blow up near this time: check the vector field or shorten the time span",
+                t=self.t_last,
+                step_size=float("nan"),
+            )
+        return out
 
 
 def _to_numpy(x: Tensor) -> np.ndarray:
