@@ -29,8 +29,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .ode import METHODS, adjoint_strategy
-from .ode._problem import positive  # the one rule for numeric settings
+from .ode import adjoint_strategy
+from .ode._problem import get_tableau, positive  # one lookup of methods, one rule for numbers
 from .trace import ESTIMATORS, NOISE_KINDS
 
 __all__ = ["CALL_KEYS", "Call", "SolverSettings"]
@@ -79,7 +79,7 @@ class SolverSettings:
     options: Mapping | None = None
 
     def __post_init__(self) -> None:
-        check_choice("method", self.method, METHODS)
+        get_tableau(self.method)  # torchdiffeq methods cnf lacks get a reason and a neighbour
         check_choice("trace", self.trace, ESTIMATORS)
         check_choice("noise", self.noise, NOISE_KINDS)
         probes = self.probes

@@ -9,7 +9,8 @@ Sections (float64, one thread):
 
 * forward: Van der Pol (mu = 1, 5; batch 256), a random tanh MLP field (dim 2, width 64,
   batch 512) and a stable 32x32 linear system; dopri5 / bosh3 at rtol = atol in
-  {1e-3, 1e-5, 1e-7} and rk4 at matching fixed steps. Error is the max abs error at the final
+  {1e-3, 1e-5, 1e-7} and rk4 at matching fixed steps; dopri8 at {1e-5, 1e-7, 1e-9},
+  fehlberg2 / adaptive_heun at {1e-2, 1e-3, 1e-4}. Error is the max abs error at the final
   time against scipy's DOP853 at 1e-12 (expm for the linear system); time is the median wall
   time. "at equal error" interpolates each peer's (error, time) and (error, NFE) curves in
   log-log at cnf's error.
@@ -50,6 +51,14 @@ except ImportError:  # pragma: no cover - optional peer
 
 TOLS = (1e-3, 1e-5, 1e-7)
 RK4_STEPS = {1e-3: 0.1, 1e-5: 0.02, 1e-7: 0.004}  # fixed steps matched to the tolerances
+# Second-order methods would take ~10^5 steps at 1e-7: they run at looser tolerances, dopri8
+# at tighter ones, where an eighth-order method is for.
+METHOD_TOLS = {
+    "adaptive_heun": (1e-2, 1e-3, 1e-4),
+    "fehlberg2": (1e-2, 1e-3, 1e-4),
+    "dopri8": (1e-5, 1e-7, 1e-9),
+}
+METHODS = ("dopri5", "bosh3", "rk4", "dopri8", "fehlberg2", "adaptive_heun")
 
 
 # ---------------------------------------------------------------- problems
@@ -153,8 +162,12 @@ def forward_runners(method: str, tol: float) -> dict[str, Callable]:
     t_opts = {} if method != "rk4" else {"options": {"step_size": RK4_STEPS[tol]}}
     tol_kw = {} if method == "rk4" else {"rtol": tol, "atol": tol}
 
+    # torchdiffeq's adaptive solves have no step limit; cnf's default (10^4) would end the
+    # second-order methods' tight runs early
+    cnf_opts = t_opts or {"options": {"max_num_steps": 10**6}}
+
     def run_cnf(f, y0, T):
-        return cnf.odeint(f, y0, torch.tensor([0.0, T]), method=method, **tol_kw, **t_opts)[-1]
+        return cnf.odeint(f, y0, torch.tensor([0.0, T]), method=method, **tol_kw, **cnf_opts)[-1]
 
     runners = {"cnf": run_cnf}
     if torchdiffeq is not None:
@@ -224,7 +237,7 @@ def bench_forward(probs: list[Problem], methods: tuple[str, ...]) -> str:
         ref = reference(p)
         for method in methods:
             curves: dict[str, list[tuple[float, float, int, str]]] = {}
-            for tol in TOLS:
+            for tol in METHOD_TOLS.get(method, TOLS):
                 label = f"h={RK4_STEPS[tol]:g}" if method == "rk4" else f"{tol:g}"
                 for solver, run in forward_runners(method, tol).items():
                     f = Counted(p.make())
@@ -441,7 +454,10 @@ def bench_memory(steps=(10, 40, 160, 640)) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="two problems, dopri5 only")
+    parser.add_argument(
+        "--quick", action="store_true", help="two problems, dopri5 only (unless --methods)"
+    )
+    parser.add_argument("--methods", help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument(
         "--sections", default="forward,gradients,memory", help="comma-separated sections"
     )
@@ -451,7 +467,11 @@ def main() -> None:
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
     probs = problems(args.quick)
-    methods = ("dopri5",) if args.quick else ("dopri5", "bosh3", "rk4")
+    methods = ("dopri5",) if args.quick else METHODS
+    if args.methods:
+        methods = tuple(args.methods.split(","))
+        if not set(methods) <= set(METHODS):
+            parser.error(f"--methods: choose from {', '.join(METHODS)}")
     sections = args.sections.split(",")
     peers = ", ".join(
         f"{m.__name__} {getattr(m, '__version__', '?')}" for m in (torchdiffeq, zuko) if m

@@ -70,7 +70,19 @@ def test_public_names():
         "odeint_event",
         "solve",
     }
-    assert ode.METHODS == ("bosh3", "dopri5", "euler", "midpoint", "rk4", "tsit5")
+    assert ode.METHODS == (
+        "adaptive_heun",
+        "bosh3",
+        "dopri5",
+        "dopri8",
+        "euler",
+        "fehlberg2",
+        "heun2",
+        "heun3",
+        "midpoint",
+        "rk4",
+        "tsit5",
+    )
     assert isinstance(ode.TABLEAUS, MappingProxyType)
 
 

@@ -10,13 +10,34 @@ import pytest
 from cnf.ode import METHODS, TABLEAUS, ButcherTableau
 
 ALL = sorted(TABLEAUS)
-ADAPTIVE = ["bosh3", "dopri5", "tsit5"]
-FIXED = ["euler", "midpoint", "rk4"]
-EXPECTED_ORDER = {"euler": 1, "midpoint": 2, "rk4": 4, "bosh3": 3, "dopri5": 5, "tsit5": 5}
+ADAPTIVE = ["adaptive_heun", "bosh3", "dopri5", "dopri8", "fehlberg2", "tsit5"]
+FIXED = ["euler", "heun2", "heun3", "midpoint", "rk4"]
+FSAL = ["bosh3", "dopri5", "dopri8", "tsit5"]
+EXPECTED_ORDER = {
+    "euler": 1,
+    "midpoint": 2,
+    "heun2": 2,
+    "heun3": 3,
+    "rk4": 4,
+    "adaptive_heun": 2,
+    "fehlberg2": 2,
+    "bosh3": 3,
+    "dopri5": 5,
+    "tsit5": 5,
+    "dopri8": 8,
+}
 # Order of the continuous extension as a Runge-Kutta method in its own right (Hairer, Norsett &
 # Wanner, Solving ODEs I, II.6): Shampine's and Tsitouras' interpolants are of order 4, the
-# cubic Hermite interpolant over an FSAL order-3 step is of order 3.
-DENSE_ORDER = {"bosh3": 3, "dopri5": 4, "tsit5": 4}
+# cubic Hermite interpolant over an order-3 step is of order 3 (over an order-2 step: 2), and
+# dopri8's sixth-degree continuous extension is of order 5.
+DENSE_ORDER = {
+    "adaptive_heun": 2,
+    "fehlberg2": 2,
+    "bosh3": 3,
+    "dopri5": 4,
+    "tsit5": 4,
+    "dopri8": 5,
+}
 # Tsitouras' coefficients are published to ~30 digits but some dense-output constants to ~16.
 TOL = 1e-12
 
@@ -139,12 +160,22 @@ def test_embedded_method_has_one_order_less(name):
 def test_dense_output_order_conditions(name, theta):
     """b_i(theta) . Phi(t) = theta^|t| / gamma(t) up to the interpolant's order."""
     tab = TABLEAUS[name]
-    assert tab.fsal  # the dense rows then run over the stages only
     weights = tab.dense_weights(theta)
+    if not tab.fsal:  # the extra slope f(t + h, y1) is a stage with a-row b at c = 1
+        assert weights.shape == (tab.stages + 1,)
+        tab = ButcherTableau(
+            name=f"{name} with its end slope",
+            order=tab.order,
+            c=(*tab.c, 1.0),
+            a=(*tab.a, tab.b),
+            b=(*tab.b, 0.0),
+        )
     assert weights.shape == (tab.stages,)
     for order in range(1, DENSE_ORDER[name] + 1):
         res = _order_residuals(tab, weights, order, theta)
         assert np.abs(res).max() < 1e-10, (order, res)
+    # ... and the order is the stated one, not more.
+    assert np.abs(_order_residuals(tab, weights, DENSE_ORDER[name] + 1, theta)).max() > 1e-6
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -165,7 +196,7 @@ def test_dense_weights_at_the_ends(name):
 
 @pytest.mark.parametrize("name", ALL)
 def test_fsal(name):
-    assert TABLEAUS[name].fsal == (name in ("bosh3", "dopri5", "tsit5"))
+    assert TABLEAUS[name].fsal == (name in FSAL)
 
 
 def _rk4_fields(**overrides):

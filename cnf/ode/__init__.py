@@ -3,14 +3,23 @@
 :func:`solve` integrates :math:`dy/dt = f(t, y)` and returns the solution with statistics;
 :func:`odeint` and :func:`odeint_adjoint` are drop-ins for torchdiffeq's functions. The
 methods (:data:`METHODS`) are Butcher tableaus (:data:`TABLEAUS`), data run by one generic
-Runge-Kutta step.
+Runge-Kutta step:
+
+* adaptive: ``dopri5`` (default), ``tsit5``, ``dopri8``, ``bosh3``, ``fehlberg2``,
+  ``adaptive_heun``;
+* fixed steps: ``euler``, ``midpoint``, ``heun2``, ``heun3``, ``rk4``.
+
+``method="scipy_solver"`` (:func:`solve` and :func:`odeint` only) hands a forward solve to
+scipy's ``solve_ivp``, for stiff problems (``options=dict(solver="Radau")``, ``"BDF"``,
+``"LSODA"``), without gradients. torchdiffeq's Adams and implicit methods are not offered;
+asking for one says why and which method to use instead.
 
 Solver options (``options=``), all optional:
 
-* every method: ``step_size`` (fixed steps; a fixed-step method without it steps from one
-  output time to the next), ``max_num_steps`` (default 10000) and ``norm`` (a function of the
-  scaled error, in the state's structure, returning its norm; default: the largest RMS over
-  the tensors of the state);
+* every Runge-Kutta method: ``step_size`` (fixed steps; a fixed-step method without it steps
+  from one output time to the next), ``max_num_steps`` (default 10000) and ``norm`` (a
+  function of the scaled error, in the state's structure, returning its norm; default: the
+  largest RMS over the tensors of the state);
 * adaptive methods: ``first_step`` (default: Hairer, Norsett & Wanner's estimate),
   ``min_step`` (a floor: a step of ``min_step`` stands whatever its error, with a warning),
   ``max_step``, ``step_t`` (times to step onto, e.g. kinks of ``f``), ``jump_t`` (times where
@@ -23,6 +32,12 @@ Solver options (``options=``), all optional:
   ``step_size``), ``perturb`` (read ``f`` just inside each step's ends, for fields that jump
   on the grid) and ``interp`` (outputs between steps: ``"cubic"``, the default, or
   ``"linear"``, torchdiffeq's default).
+
+``func`` receives ``t`` in the state's dtype. Its methods ``callback_step``,
+``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint`` variants, for the
+* ``scipy_solver``: ``solver`` (solve_ivp's method, default ``"LSODA"``), ``first_step``,
+  ``max_step``, ``min_step`` (LSODA), and the Jacobian settings ``jac``, ``jac_sparsity``
+  (Radau, BDF), ``lband``, ``uband`` (LSODA).
 
 ``func`` receives ``t`` in the state's dtype. Its methods ``callback_step``,
 ``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint`` variants, for the

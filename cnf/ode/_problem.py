@@ -9,6 +9,7 @@ operation's overhead counts); a tuple state is concatenated into one flat vector
 
 from __future__ import annotations
 
+import difflib
 import math
 import numbers
 from collections.abc import Callable, Mapping, Sequence
@@ -23,6 +24,7 @@ from ._landmarks import Landmarks, check_times
 from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
 __all__ = [
+    "SCIPY_SOLVER",
     "Problem",
     "State",
     "check_adjoint_params",
@@ -85,12 +87,77 @@ def positive(name: str, value, *, optional: bool = False) -> float | None:
     return value
 
 
+SCIPY_SOLVER = "scipy_solver"
+
+_ADAMS = (
+    "it is a multistep method, and cnf's methods are one-step Runge-Kutta methods (no history "
+    "of past steps: a step can be rejected, replayed by the checkpoint adjoint or started "
+    "anywhere); use 'rk4' with options=dict(step_size=...) for fixed steps, or 'dopri5'"
+)
+_IMPLICIT = (
+    "it is an implicit method for stiff problems, and cnf's methods are explicit (no Newton "
+    f"iterations, no Jacobians); for a stiff forward solve use method={SCIPY_SOLVER!r} with "
+    "options=dict(solver='Radau') (no gradients), or 'dopri5' for a non-stiff problem"
+)
+# torchdiffeq's methods that cnf does not offer, and why.
+_NOT_OFFERED = {
+    "explicit_adams": _ADAMS,
+    "implicit_adams": _ADAMS,
+    "fixed_adams": _ADAMS,
+    **dict.fromkeys(
+        (
+            "implicit_euler",
+            "implicit_midpoint",
+            "trapezoid",
+            "radauIIA3",
+            "radauIIA5",
+            "gl4",
+            "gl6",
+            "sdirk2",
+            "trbdf2",
+        ),
+        _IMPLICIT,
+    ),  # fmt: skip
+    SCIPY_SOLVER: (
+        "it is scipy's solve_ivp, not a Runge-Kutta method: solve() and odeint() take it for "
+        "forward solves without gradients, but it cannot be the method of an adjoint, a "
+        "backward solve or a CNF block"
+    ),
+}
+# scipy's method names (lower case) and cnf's closest explicit method.
+_SCIPY_NAMES = dict(rk23="bosh3", rk45="dopri5", dop853="dopri8", radau=None, bdf=None, lsoda=None)
+
+
 def get_tableau(method: str) -> ButcherTableau:
-    """Look a method up by name; an unknown name is a ``ValueError`` listing the valid ones."""
+    """Look a method up by name.
+
+    A method torchdiffeq has but cnf does not offer is a ``ValueError`` that says why and names
+    the closest one cnf has; any other unknown name, one listing the valid names.
+    """
     try:
         return TABLEAUS[method]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}") from None
+        pass
+    if isinstance(method, str) and method in _NOT_OFFERED:
+        here = " here" if method == SCIPY_SOLVER else ""
+        raise ValueError(f"method {method!r} is not offered{here}: {_NOT_OFFERED[method]}")
+    raise ValueError(
+        f"unknown method {method!r}{_hint(method)}; choose one of {', '.join(METHODS)}"
+    )
+
+
+def _hint(method) -> str:
+    """A close valid name, or where a scipy method name leads."""
+    if not isinstance(method, str):
+        return ""
+    if method.lower() in _SCIPY_NAMES:
+        ours = _SCIPY_NAMES[method.lower()]
+        return (
+            f" (scipy's name: method={SCIPY_SOLVER!r} with options=dict(solver=...) runs "
+            "scipy's solver, without gradients" + (f"; cnf's closest is {ours!r})" if ours else ")")
+        )
+    close = difflib.get_close_matches(method.lower(), METHODS, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def check_options(options, method: str | None, adaptive: bool = True) -> dict:

@@ -12,7 +12,8 @@ from torch import Tensor
 from ._adjoint import AdjointSolve
 from ._control import Config
 from ._integrate import Counts, integrate
-from ._problem import Problem, State, check_adjoint_params
+from ._problem import SCIPY_SOLVER, Problem, State, check_adjoint_params
+from ._scipy import scipy_solve
 from ._strategies import ADJOINT_KEYWORDS, AdjointStrategy, to_strategy
 from ._time import attach_time_gradient
 
@@ -130,10 +131,9 @@ def solve(
             dtype (a tuple of tensors for a tuple state).
         y0: initial state, a floating-point tensor of any shape or a tuple of tensors.
         t: output times, shape ``(T,)``, strictly monotonic; ``t[0]`` is the initial time.
-        method: one of :data:`METHODS`; ``dopri5``, ``tsit5`` and ``bosh3`` are adaptive.
+        method: one of :data:`METHODS`, or ``"scipy_solver"`` (stiff, no gradients; :mod:`cnf.ode`).
         rtol, atol: local error tolerances, a number or one per tensor of a tuple state: a step
-            is accepted when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is at
-            most 1.
+            is accepted when the RMS of ``err / (atol + rtol * max(|y_n|, |y_{n+1}|))`` is <= 1.
         options: solver options; see :mod:`cnf.ode`.
         adjoint: ``False`` to backpropagate through the solver's operations, or an adjoint
             strategy (:class:`Checkpoint`, :class:`Backsolve`; ``True`` is ``Checkpoint()``).
@@ -156,8 +156,10 @@ def solve(
         torch.Size([5, 3])
     """
     problem = Problem(func, y0, t, rtol, atol)
-    config = problem.config(method, options)
     strategy = to_strategy(adjoint, adjoint_options, adjoint_rtol, adjoint_atol, adjoint_method)
+    if method == SCIPY_SOLVER:
+        return _scipy_solve(problem, options, strategy is not None or adjoint_params is not None)
+    config = problem.config(method, options)
     if problem.y0.numel() == 0:
         return _empty_solve(problem)
     if strategy is None:
@@ -166,6 +168,12 @@ def solve(
         return _plain_solve(problem, config)
     params = check_adjoint_params(func, adjoint_params)
     return _adjoint_solve(AdjointSolve(problem, config, strategy, params))
+
+
+def _scipy_solve(problem: Problem, options: Mapping | None, adjoint: bool) -> Solution:
+    """A forward solve by scipy's ``solve_ivp``, for stiff problems; no gradients, no adjoint."""
+    ys, nfe = scipy_solve(problem, options, adjoint)
+    return Solution(problem.unflatten(ys), SolverStats(nfe=nfe))
 
 
 def _empty_solve(problem: Problem) -> Solution:

@@ -198,6 +198,50 @@ BOSH3 = ButcherTableau(
     reference="Bogacki & Shampine (1989), A 3(2) pair of Runge-Kutta formulas",
 )
 
+HEUN2 = ButcherTableau(
+    name="heun2",
+    order=2,
+    c=(0.0, 1.0),
+    a=((), (1.0,)),
+    b=(0.5, 0.5),
+    reference="Heun (1900): the explicit trapezoidal rule",
+)
+
+HEUN3 = ButcherTableau(
+    name="heun3",
+    order=3,
+    c=_frac(0, "1/3", "2/3"),
+    a=((), _frac("1/3"), _frac(0, "2/3")),
+    b=_frac("1/4", 0, "3/4"),
+    reference="Heun (1900), Z. Math. Phys. 45: the third-order method with nodes 0, 1/3, 2/3",
+)
+
+# Heun's step with explicit Euler as the embedded first-order solution: the estimate is the
+# difference of the two, h (k_1 - k_0) / 2. Not FSAL (the last stage is at the Euler point,
+# not at y1), so f(t + h, y1) is the next step's first stage and the dense output's end slope.
+ADAPTIVE_HEUN = ButcherTableau(
+    name="adaptive_heun",
+    order=2,
+    c=(0.0, 1.0),
+    a=((), (1.0,)),
+    b=(0.5, 0.5),
+    b_err=(-0.5, 0.5),
+    reference="Heun-Euler 2(1) pair: Heun (1900) with explicit Euler as the embedded method",
+)
+
+# Fehlberg's 1(2) pair; like torchdiffeq, the step propagates the second-order solution (local
+# extrapolation), whose weights are (1/512, 255/256, 1/512); the first-order one is
+# (1/256, 255/256, 0). The last stage sits at the first-order point, not at y1: not FSAL.
+FEHLBERG2 = ButcherTableau(
+    name="fehlberg2",
+    order=2,
+    c=_frac(0, "1/2", 1),
+    a=((), _frac("1/2"), _frac("1/256", "255/256")),
+    b=_frac("1/512", "255/256", "1/512"),
+    b_err=_frac("-1/512", 0, "1/512"),
+    reference="Fehlberg (1969), NASA TR R-315: the Runge-Kutta-Fehlberg 1(2) pair",
+)
+
 _DOPRI5_B = _frac("35/384", 0, "500/1113", "125/192", "-2187/6784", "11/84", 0)
 _DOPRI5_BHAT = _frac("5179/57600", 0, "7571/16695", "393/640", "-92097/339200", "187/2100", "1/40")
 # y(t0 + h/2) = y0 + h sum c_mid_i k_i (Shampine 1986, "Some practical Runge-Kutta formulas").
@@ -322,10 +366,139 @@ TSIT5 = ButcherTableau(
     reference="Tsitouras (2011), Comput. Math. Appl. 62(2) 770-775",
 )
 
+# Prince & Dormand (1981), RK8(7)13M: an eighth-order solution with a seventh-order embedded
+# one, 13 stages; the coefficients are the paper's rational approximations (row sums and order
+# conditions hold to ~1e-15). A 14th stage f(t + h, y1) makes the step FSAL; like torchdiffeq's
+# ``dopri8`` it serves the next step and the dense output.
+_DOPRI8_B = _frac(
+    "14005451/335480064", 0, 0, 0, 0, "-59238493/1068277825", "181606767/758867731",
+    "561292985/797845732", "-1041891430/1371343529", "760417239/1151165299",
+    "118820643/751138087", "-528747749/2220607170", "1/4", 0,
+)  # fmt: skip
+_DOPRI8_BHAT = _frac(
+    "13451932/455176623", 0, 0, 0, 0, "-808719846/976000145", "1757004468/5645159321",
+    "656045339/265891186", "-3867574721/1518517206", "465885868/322736535",
+    "53011238/667516719", "2/45", 0, 0,
+)  # fmt: skip
+_DOPRI8_A = (
+    (),
+    _frac("1/18"),
+    _frac("1/48", "1/16"),
+    _frac("1/32", 0, "3/32"),
+    _frac("5/16", 0, "-75/64", "75/64"),
+    _frac("3/80", 0, 0, "3/16", "3/20"),
+    _frac(
+        "29443841/614563906", 0, 0, "77736538/692538347", "-28693883/1125000000",
+        "23124283/1800000000",
+    ),
+    _frac(
+        "16016141/946692911", 0, 0, "61564180/158732637", "22789713/633445777",
+        "545815736/2771057229", "-180193667/1043307555",
+    ),
+    _frac(
+        "39632708/573591083", 0, 0, "-433636366/683701615", "-421739975/2616292301",
+        "100302831/723423059", "790204164/839813087", "800635310/3783071287",
+    ),
+    _frac(
+        "246121993/1340847787", 0, 0, "-37695042795/15268766246", "-309121744/1061227803",
+        "-12992083/490766935", "6005943493/2108947869", "393006217/1396673457",
+        "123872331/1001029789",
+    ),
+    _frac(
+        "-1028468189/846180014", 0, 0, "8478235783/508512852", "1311729495/1432422823",
+        "-10304129995/1701304382", "-48777925059/3047939560", "15336726248/1032824649",
+        "-45442868181/3398467696", "3065993473/597172653",
+    ),
+    _frac(
+        "185892177/718116043", 0, 0, "-3185094517/667107341", "-477755414/1098053517",
+        "-703635378/230739211", "5731566787/1027545527", "5232866602/850066563",
+        "-4093664535/808688257", "3962137247/1805957418", "65686358/487910083",
+    ),
+    _frac(
+        "403863854/491063109", 0, 0, "-5068492393/434740067", "-411421997/543043805",
+        "652783627/914296604", "11173962825/925320556", "-13158990841/6184727034",
+        "3936647629/1978049680", "-160528059/685178525", "248638103/1413531060", 0,
+    ),
+    _DOPRI8_B[:13],
+)  # fmt: skip
+# The continuous extension: b_i(theta) = sum_m P[i, m] theta^(m+1), a polynomial of degree 6
+# per stage (stages 1-4 have none), of order 5 (its order conditions hold for every theta; the
+# tests check them). These are the polynomials whose values at theta = 1/2 torchdiffeq uses as
+# its midpoint; here they are the interpolant itself, one order better than a quartic through
+# that midpoint (torchdiffeq's), at no extra cost.
+_DOPRI8_DENSE_ROWS = {
+    0: (1.0, -6.6910181737837595697, 19.9990069333683970610, -30.0610568289666450593,
+        22.1396504998094068976, -6.3448349392860401388),
+    5: (0.0, -7.6142658045872677172, 52.2273532792945524050, -121.4999627731334642623,
+        116.4422149550342161651, -39.6107919852202505218),
+    6: (0.0, 10.7281392630428866124, -46.8919164181093621583, 83.1721004639847717481,
+        -67.1451318825957197185, 20.3761213808791436958),
+    7: (0.0, 0.5526637063753648783, -0.1890893225010595467, 9.5724507555993664382,
+        -16.5672243527496524646, 7.3347098826795362023),
+    8: (0.0, 4.2186562625665153803, -35.7075975946222072821, 87.8406057677205645007,
+        -89.9916014847245016028, 32.8801774352459155182),
+    9: (0.0, -0.6627209125361597559, 6.2736448083240352160, -17.4152107770762969005,
+        22.6237489648532849093, -10.1588990526426760954),
+    10: (0.0, -1.2636789001135462218, 10.3160881272450748458, -28.5903289514790976966,
+         32.2362340167355370113, -12.5401268098782561200),
+    11: (0.0, 5.4106037898590422230, -34.7650769866611817349, 81.6630950584341412934,
+         -82.1020315488359848644, 29.5553001484516038033),
+    12: (0.0, -7.0321379067945741781, 47.7457971078225540396, -114.9375291377009418170,
+         116.2662185791119533462, -41.7923486424390588923),
+    13: (0.0, 2.3537586759714983486, -19.0082099341608028453, 50.2558364226176017553,
+         -53.9020777466385396792, 20.3006925822100825485),
+}  # fmt: skip
+_DOPRI8_DENSE = np.array([_DOPRI8_DENSE_ROWS.get(i, (0.0,) * 6) for i in range(14)])
+# The polynomials are given to ~19 digits but reproduce b at theta = 1 only to ~1e-12: fold the
+# residual into the highest power, as for tsit5.
+_DOPRI8_DENSE[:, -1] += np.asarray(_DOPRI8_B) - _DOPRI8_DENSE.sum(axis=1)
+
+DOPRI8 = ButcherTableau(
+    name="dopri8",
+    order=8,
+    c=_frac(
+        0,
+        "1/18",
+        "1/12",
+        "1/8",
+        "5/16",
+        "3/8",
+        "59/400",
+        "93/200",
+        "5490023248/9719169821",
+        "13/20",
+        "1201146811/1299019798",
+        1,
+        1,
+        1,
+    ),  # fmt: skip
+    a=_DOPRI8_A,
+    b=_DOPRI8_B,
+    b_err=tuple(x - y for x, y in zip(_DOPRI8_B, _DOPRI8_BHAT)),
+    dense=_DOPRI8_DENSE,
+    reference="Prince & Dormand (1981), J. Comput. Appl. Math. 7(1) 67-75, RK8(7)13M, made "
+    "FSAL; order-5 continuous extension (see _DOPRI8_DENSE_ROWS)",
+)
+
 # Read-only: the solver looks methods up here, so an entry added or replaced by a user would
 # silently change what ``method="..."`` means everywhere.
 TABLEAUS: Mapping[str, ButcherTableau] = MappingProxyType(
-    {tab.name: tab for tab in (EULER, MIDPOINT, RK4, BOSH3, DOPRI5, TSIT5)}
+    {
+        tab.name: tab
+        for tab in (
+            EULER,
+            MIDPOINT,
+            HEUN2,
+            HEUN3,
+            RK4,
+            ADAPTIVE_HEUN,
+            FEHLBERG2,
+            BOSH3,
+            DOPRI5,
+            TSIT5,
+            DOPRI8,
+        )
+    }
 )
 """The built-in methods by name."""
 
