@@ -55,6 +55,13 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "dtype",
 }
 _TIME_DTYPES = (torch.float32, torch.float64)
+_RENAMED = {
+    "step_locations": "step_t",
+    "jump_locations": "jump_t",
+    "grid_points": "jump_t",
+    "eps": "jump_t",
+}
+"""Options of older torchdiffeq versions and their current names (refused with the hint)."""
 
 
 def number(name: str, value) -> float:
@@ -180,6 +187,8 @@ def check_options(options, method: str | None, adaptive: bool = True) -> dict:
             if unknown & other
             else ""
         )
+        renamed = [f"{old!r} is now {new!r}" for old, new in _RENAMED.items() if old in unknown]
+        extra += f" ({'; '.join(renamed)}, as in torchdiffeq 0.2)" if renamed else ""
         for_method = f" for method {method!r}" if method is not None else ""
         raise ValueError(
             f"unknown option(s) {sorted(unknown)}{for_method}{extra}; "
