@@ -284,30 +284,20 @@ def test_no_crossing_within_max_num_steps_is_a_solver_error(method, options):
 
 
 @pytest.mark.deadline(10)
-def test_an_event_that_never_comes_is_a_solver_error_not_a_hang():
-    # a constant solution's steps grow tenfold each: the time overflows before max_num_steps
-    with pytest.raises(cnf.SolverError, match="did not cross zero before the time overflowed"):
-        cnf.odeint(
-            lambda t, y: torch.zeros_like(y),
-            torch.tensor([1.0], dtype=F64),
-            T2,
-            event_fn=lambda t, y: y + 1.0,
-        )
-    with pytest.raises(cnf.SolverError, match="overflows before the event"):
-        cnf.odeint(
-            lambda t, y: torch.ones_like(y),
-            torch.tensor([1.0], dtype=F64),
-            T2,
-            event_fn=lambda t, y: y + 1.0,
-        )
-    with pytest.raises(cnf.SolverError, match="did not cross zero within max_num_steps=200"):
-        cnf.odeint(
-            decay,
-            torch.tensor([1.0], dtype=F64),
-            T2,
-            event_fn=lambda t, y: y + 1.0,
-            options={"max_num_steps": 200},
-        )
+@pytest.mark.parametrize(
+    ("func", "options", "match"),
+    [
+        # a constant solution's steps grow tenfold each: the time overflows first
+        (lambda t, y: torch.zeros_like(y), {}, "did not cross zero before the time overflowed"),
+        (lambda t, y: torch.ones_like(y), {}, "overflows before the event"),
+        (decay, {"max_num_steps": 200}, "did not cross zero within max_num_steps=200"),
+    ],
+    ids=["constant", "growing", "decaying"],
+)
+def test_an_event_that_never_comes_is_a_solver_error_not_a_hang(func, options, match):
+    with pytest.raises(cnf.SolverError, match=match):
+        y0 = torch.tensor([1.0], dtype=F64)
+        cnf.odeint(func, y0, T2, event_fn=lambda t, y: y + 1.0, options=options)
 
 
 @pytest.mark.deadline(10)

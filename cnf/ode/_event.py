@@ -76,6 +76,7 @@ from ._errors import SolverError
 from ._problem import Problem, State, check_adjoint_params, number
 from ._rk import dense_output, rk_step
 from ._solve import odeint, solve
+from ._time import with_initial_time_gradient
 
 __all__ = ["EventFunction", "EventGradient", "odeint_event", "odeint_until_event"]
 
@@ -316,31 +317,6 @@ def _locate(step: _Step, cfg: Config, event: EventFunction, ga: float, gb: float
     return b
 
 
-class _InitialTime(torch.autograd.Function):
-    r"""The identity on ``y0`` whose backward also sends the initial-time term to ``t``.
-
-    Shifting :math:`t_0` with :math:`y_0` held fixed shifts the whole trajectory, so
-    :math:`\partial L/\partial t_0 = -\langle \partial L/\partial y_0, f(t_0, y_0)\rangle`
-    (the gradient that reached ``y0`` through the whole solve); ``t[1]`` only gives the
-    direction and gets zero.
-    """
-
-    @staticmethod
-    def forward(ctx, problem: Problem, t: Tensor, y0: Tensor) -> Tensor:
-        ctx.problem = problem
-        ctx.save_for_backward(y0)
-        return y0.view_as(y0)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y0: Tensor):
-        (y0,) = ctx.saved_tensors
-        problem = ctx.problem
-        grad_t = torch.zeros_like(problem.t)
-        grad_t[0] = -_inner(grad_y0, problem.rhs(problem.ts[0], y0))
-        return None, grad_t, grad_y0
-
-
 def _check_event_problem(problem: Problem, method: str, options) -> Config:
     if len(problem.ts) != 2:
         raise ValueError(
@@ -387,7 +363,7 @@ def odeint_until_event(
             raise ValueError("adjoint_params only apply to odeint_adjoint")
         start = problem.y0
         if torch.is_grad_enabled() and problem.t.requires_grad:
-            start = _InitialTime.apply(problem, problem.t, start)
+            start = with_initial_time_gradient(problem, start)
         t_star, y_star, _ = find_event(problem, cfg, event, start, direction)
         ys = torch.stack([start, y_star])
     else:

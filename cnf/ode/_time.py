@@ -26,7 +26,7 @@ from torch.autograd.function import once_differentiable
 from ._integrate import Counts
 from ._problem import Problem
 
-__all__ = ["attach_time_gradient", "time_gradient"]
+__all__ = ["attach_time_gradient", "time_gradient", "with_initial_time_gradient"]
 
 
 def _inner(a: Tensor, b: Tensor) -> Tensor:
@@ -73,6 +73,12 @@ class _RouteToTime(torch.autograd.Function):
         return None, ctx.rule(grad_x, x), grad_x
 
 
+def with_initial_time_gradient(problem: Problem, y0: Tensor) -> Tensor:
+    """``y0`` itself, whose backward also sends ``-<dL/dy_0, f(t_0, y_0)>`` to ``t[0]``: the
+    initial-time term, for solves whose outputs carry no time gradient of their own."""
+    return _RouteToTime.apply(lambda g, y: _initial_time_gradient(problem, y, g), problem.t, y0)
+
+
 def attach_time_gradient(
     problem: Problem, solve: Callable[[Tensor], tuple[Tensor, Counts]]
 ) -> tuple[Tensor, Counts]:
@@ -81,9 +87,6 @@ def attach_time_gradient(
     For solves differentiated by autograd: the output-time terms are attached to ``ys``, the
     initial-time term to ``y0``, where the gradient through the whole solve arrives.
     """
-    y0 = _RouteToTime.apply(
-        lambda g, y0: _initial_time_gradient(problem, y0, g), problem.t, problem.y0
-    )
-    ys, counts = solve(y0)
+    ys, counts = solve(with_initial_time_gradient(problem, problem.y0))
     ys = _RouteToTime.apply(lambda g, ys: time_gradient(problem, ys, g)[0], problem.t, ys)
     return ys, counts
