@@ -1,7 +1,8 @@
 """One contract over every model variant (zuko's ``test_flows`` idea), in float64 on small cases.
 
 Variants: a CNF, a composition of CNF blocks, the dense image model, the multiscale model, a
-logit step composed with CNF blocks, and a squeeze composed with CNF blocks on each side. Each
+logit step composed with CNF blocks, a squeeze composed with CNF blocks on each side, and a
+standardization before a CNF block (data in thousands and thousandths). Each
 must give the right shapes, a log-determinant equal to ``slogdet`` of the autograd Jacobian of
 ``transform``, an inverse of ``transform``, gradients that reach every parameter, and a save and
 load round trip through the public :func:`cnf.training.load`.
@@ -36,6 +37,12 @@ def _seq_squeeze() -> cnf.Flow:
     return cnf.SequentialFlow([before, cnf.Squeeze(shape), after])
 
 
+def _seq_standardize() -> cnf.Flow:
+    x = torch.tensor([[1000.0, 0.001], [3000.0, 0.004], [2000.0, 0.002]], dtype=F64)
+    block = cnf.CNFTransform(ConcatSquashMLP(2, (8,)), (2,), T=0.5)
+    return cnf.SequentialFlow([cnf.Standardize.fit(x), block])
+
+
 # name -> (make model, make data, spec for the public load or None)
 VARIANTS = {
     "cnf": (lambda: build(SPECS["cnf"]), lambda n: torch.randn(n, 2, dtype=F64)),
@@ -47,6 +54,13 @@ VARIANTS = {
     ),
     "logit": (_seq_logit, lambda n: torch.rand(n, 1, 2, 2, dtype=F64)),
     "squeeze": (_seq_squeeze, lambda n: torch.randn(n, 1, 2, 2, dtype=F64)),
+    "standardize": (
+        _seq_standardize,
+        lambda n: (
+            torch.randn(n, 2, dtype=F64) * torch.tensor([1000.0, 0.001], dtype=F64)
+            + torch.tensor([2000.0, 0.002], dtype=F64)
+        ),
+    ),
 }
 SPECS = {
     "cnf": toy_spec(hidden=[8, 8], dtype="float64"),
