@@ -407,3 +407,15 @@ def test_method_none_is_dopri5_and_tolerances_may_be_per_entry():
         odeint(f, y0, T01, rtol=torch.ones(2, dtype=F64))
     with pytest.raises(ValueError, match="positive and finite in every entry"):
         odeint(f, y0, T01, rtol=torch.tensor([1e-3, 0.0, 1e-3], dtype=F64))
+
+
+def test_event_searches_call_the_callbacks_and_refuse_jump_options():
+    f = Logged()
+    event_t, _ = odeint(f, torch.ones(1, dtype=F64), T01, event_fn=lambda t, y: y - 0.5)
+    assert event_t.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert f.names("accept") and len(f.names("step")) == len(f.names("accept")) + len(
+        f.names("reject")
+    )
+    for options in ({"jump_t": [0.3]}, {"step_t": [0.3]}):
+        with pytest.raises(ValueError, match="not supported with event_fn"):
+            odeint(f, torch.ones(1, dtype=F64), T01, event_fn=lambda t, y: y - 0.5, options=options)

@@ -71,6 +71,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from ._callbacks import NO_CALLBACKS
 from ._control import Config, check_finite_start, check_step, make_controller
 from ._errors import SolverError
 from ._problem import Problem, State, check_adjoint_params, number
@@ -118,9 +119,7 @@ class EventFunction:
 
     def values(self, t: Tensor, y: Tensor) -> Tensor:
         """``c(t, y)`` for a 0-dim time and a flat state, checked to be a real tensor."""
-        p = self.problem
-        state = tuple(v.view(s) for v, s in zip(y.split(p.sizes), p.shapes)) if p.is_tuple else y
-        c = self.fn(t, state)
+        c = self.fn(t, self.problem.to_user(y))
         if self.shape is None or not isinstance(c, Tensor) or c.shape != self.shape:
             self._check(c)
         return c
@@ -216,7 +215,7 @@ def _accepted_step(
 
     ``t_max``: the largest time the time's dtype holds.
     """
-    tab = cfg.tableau
+    tab, cb = cfg.tableau, cfg.callbacks or NO_CALLBACKS
     while True:
         h, t_next = control.propose(t, t)
         if not abs(t_next) <= t_max:
@@ -227,8 +226,12 @@ def _accepted_step(
                 step_size=h,
             )
         check_step(cfg, t, h, t_next, getattr(control, "failure", None))
+        cb.step(t, y, h)
         y1, ks = rk_step(rhs, tab, t, y, k0, h)
-        if control.accept(ks, y1, h, t):
+        if not control.accept(ks, y1, h, t):
+            cb.reject(t, y, h)
+        else:
+            cb.accept(t, y, h)
             k_end = ks[-1] if tab.fsal else rhs(t_next, y1)
             stages = ks if tab.fsal else ks + [k_end]
             return _Step(t, h, t_next, y, y1, stages, k_end)
@@ -241,6 +244,12 @@ def find_event(
 
     ``y(t*)`` is differentiable through the steps where gradients are enabled.
     """
+    if cfg.landmarks is not None or cfg.perturb:
+        # the event search steps on its own (see _accepted_step), without the jump handling
+        raise ValueError(
+            "options step_t, jump_t and perturb are not supported with event_fn; solve up to "
+            "the jump with odeint first, then search for the event from there"
+        )
     rhs, t = problem.rhs, problem.ts[0]
     k0 = rhs(t, y0)
     check_finite_start(cfg, k0, t)

@@ -18,6 +18,7 @@ side with ``rhs(t, y, side)``, ``side = -1, +1`` in the direction of integration
 from __future__ import annotations
 
 import bisect
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -41,9 +42,9 @@ class Landmarks:
     def __bool__(self) -> bool:
         return bool(self.step_t or self.jump_t)
 
-    @property
+    @functools.cached_property
     def times(self) -> tuple[float, ...]:
-        """Every time a step must land on, sorted."""
+        """Every time a step must land on, sorted (once: :meth:`clip` reads it every step)."""
         return tuple(sorted(self.step_t + self.jump_t))
 
     def clip(self, t: float, h: float, t_next: float) -> tuple[float, float]:
