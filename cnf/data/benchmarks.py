@@ -160,7 +160,7 @@ def _real_matrix(values: object, path: Path, width: int | None = None) -> np.nda
         )
     if array.dtype.kind not in "iuf":
         raise ValueError(f"{path} should hold real numbers; got dtype {array.dtype}")
-    array = array.astype(np.float64)
+    array = array.astype(np.float64, copy=False)  # POWER alone is 130 MB
     if not np.isfinite(array).all():
         raise ValueError(f"{path} contains NaN or infinite values")
     return array
