@@ -1,5 +1,6 @@
-"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`) and images
-(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files)."""
+"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`), images
+(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files) and the
+tabular benchmarks of MAF and FFJORD (:mod:`cnf.data.benchmarks`, from MAF's local files)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .benchmarks import (
+    BENCHMARK_FILES,
+    BENCHMARK_NAMES,
+    PUBLISHED_SHAPES,
+    load_benchmark,
+    load_bsds300,
+    load_gas,
+    load_hepmass,
+    load_miniboone,
+    load_power,
+)
 from .images import (
     IMAGE_NAMES,
     ImageData,
@@ -19,6 +31,15 @@ from .images import (
 from .toy import DENSITY_NAMES, NAMES, ToyDensity, density, sample
 
 __all__ = [
+    "BENCHMARK_FILES",
+    "BENCHMARK_NAMES",
+    "PUBLISHED_SHAPES",
+    "load_benchmark",
+    "load_bsds300",
+    "load_gas",
+    "load_hepmass",
+    "load_miniboone",
+    "load_power",
     "IMAGE_NAMES",
     "ImageData",
     "load_cifar10",
