@@ -1,5 +1,7 @@
-"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`) and images
-(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files)."""
+"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`), images
+(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files) and
+tables that install with cnf (:mod:`cnf.data.bundled`: image patches, breast-cancer features and
+a synthetic set with a known density)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,17 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .bundled import (
+    BUNDLED_NAMES,
+    load_breast_cancer,
+    load_bundled,
+    load_patches,
+    load_synthetic,
+    sample_synthetic,
+    synthetic_entropy,
+    synthetic_log_prob,
+    synthetic_scales,
+)
 from .images import (
     IMAGE_NAMES,
     ImageData,
@@ -19,6 +32,15 @@ from .images import (
 from .toy import DENSITY_NAMES, NAMES, ToyDensity, density, sample
 
 __all__ = [
+    "BUNDLED_NAMES",
+    "load_breast_cancer",
+    "load_bundled",
+    "load_patches",
+    "load_synthetic",
+    "sample_synthetic",
+    "synthetic_entropy",
+    "synthetic_log_prob",
+    "synthetic_scales",
     "IMAGE_NAMES",
     "ImageData",
     "load_cifar10",
