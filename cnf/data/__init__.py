@@ -1,6 +1,9 @@
 """Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`), images
-(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files) and the
-tabular benchmarks of MAF and FFJORD (:mod:`cnf.data.benchmarks`, from MAF's local files)."""
+(:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files) and
+tables: a user's own files (:mod:`cnf.data.files`), the tabular benchmarks of MAF and FFJORD
+(:mod:`cnf.data.benchmarks`, from MAF's local files) and tables that install with cnf
+(:mod:`cnf.data.bundled`: image patches, breast-cancer features and a synthetic set with a
+known density), all as :class:`TabularData` (:mod:`cnf.data.tables`)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,18 @@ from .benchmarks import (
     load_miniboone,
     load_power,
 )
+from .bundled import (
+    BUNDLED_NAMES,
+    load_breast_cancer,
+    load_bundled,
+    load_patches,
+    load_synthetic,
+    sample_synthetic,
+    synthetic_entropy,
+    synthetic_log_prob,
+    synthetic_scales,
+)
+from .files import FILE_SUFFIXES, Table, load_file, read_table
 from .images import (
     IMAGE_NAMES,
     ImageData,
@@ -28,6 +43,7 @@ from .images import (
     load_images,
     load_mnist,
 )
+from .tables import PARTS, TabularData, split_rows
 from .toy import DENSITY_NAMES, NAMES, ToyDensity, density, sample
 
 __all__ = [
@@ -40,12 +56,28 @@ __all__ = [
     "load_hepmass",
     "load_miniboone",
     "load_power",
+    "BUNDLED_NAMES",
+    "load_breast_cancer",
+    "load_bundled",
+    "load_patches",
+    "load_synthetic",
+    "sample_synthetic",
+    "synthetic_entropy",
+    "synthetic_log_prob",
+    "synthetic_scales",
     "IMAGE_NAMES",
     "ImageData",
     "load_cifar10",
     "load_digits",
     "load_images",
     "load_mnist",
+    "FILE_SUFFIXES",
+    "PARTS",
+    "Table",
+    "TabularData",
+    "load_file",
+    "read_table",
+    "split_rows",
     "DENSITY_NAMES",
     "NAMES",
     "ToyDensity",
