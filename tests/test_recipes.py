@@ -41,7 +41,10 @@ DIGITS_TRAINING = {
 
 
 def test_the_table_holds_every_data_set_and_architecture():
-    assert recipes.names() == (*NAMES, "digits", "mnist", "cifar10")
+    tables = ("file", "patches", "breast-cancer", "synthetic8")
+    benchmarks = ("power", "gas", "hepmass", "miniboone", "bsds300")
+    assert recipes.names() == (*NAMES, "digits", "mnist", "cifar10", *tables, *benchmarks)
+    assert all(recipes.architectures(name) == ("mlp",) for name in tables + benchmarks)
     assert all(recipes.architectures(name) == ("mlp",) for name in NAMES)
     assert recipes.architectures("digits") == ("dense", "multiscale")
     assert recipes.architectures("mnist") == recipes.architectures("cifar10")
@@ -125,7 +128,7 @@ def test_a_recipe_checks_itself():
     with pytest.raises(ValueError, match="integer levels go with bits/dim"):
         dataclasses.replace(toy, levels=17)
     with pytest.raises(ValueError, match="unknown kind"):
-        dataclasses.replace(toy, kind="tabular")
+        dataclasses.replace(toy, kind="sound")
 
 
 # --- specs and fit keywords --------------------------------------------------------------------

@@ -62,6 +62,10 @@ def _decay(text: str) -> float:
     return value
 
 
+_GROUPS = {"toy2d": "2-D data", "tabular": "tables"}
+"""Kinds of data whose many data sets the help names as one group where they agree."""
+
+
 def _by_data(value_of) -> str:
     """``value_of(recipe)`` for the default recipe of each data set, equal values grouped:
     ``"2-D data, mnist, cifar10 1000; digits 2000"`` (read from the table, never restated)."""
@@ -70,13 +74,15 @@ def _by_data(value_of) -> str:
     groups: dict[str, list[str]] = {}
     for name in names():
         groups.setdefault(shown(value_of(get(name))), []).append(name)
-    toy = [name for name in names() if get(name).kind == "toy2d"]
     if len(groups) == 1:
         return next(iter(groups))
     parts = []
     for value, data in groups.items():
-        if set(toy) <= set(data):  # eight 2-D data sets share their recipe: name them once
-            data = ["2-D data"] + [name for name in data if name not in toy]
+        for kind, label in _GROUPS.items():
+            members = [name for name in names() if get(name).kind == kind]
+            if set(members) <= set(data):  # many data sets share their recipe: name them once
+                data = [label if name == members[0] else name for name in data]
+                data = [name for name in data if name not in members]
         parts.append(f"{', '.join(data)} {value}")
     return "; ".join(parts)
 
@@ -95,10 +101,15 @@ def _fit_default(key: str, flow_matching: bool = False) -> str:
 def _spec_options(name: str) -> dict:
     """The model settings of a data set's default recipe (its spec, cached: building an image
     spec builds the model once)."""
+    from ..models import settings_of
     from ..recipes import get
 
-    spec = get(name).spec()
-    return spec if spec["kind"] == "toy2d" else spec["options"]
+    recipe = get(name)
+    if recipe.kind == "tabular" and recipe.event_shape is None:  # a file: its width decides
+        model = dict(recipe.model)
+        factor, layers = model.pop("hidden_factor"), model.pop("layers")
+        return {**model, "hidden": f"{layers} layers of {factor} x D units"}
+    return settings_of(recipe.spec())
 
 
 def _model_default(key: str) -> str:
@@ -128,8 +139,11 @@ def _train_parser(sub) -> None:
     t.add_argument(
         "--data",
         default="8gaussians",
-        choices=names(),
-        help="data set (default: 8gaussians): 2-D toy data, the 8x8 digits, MNIST or CIFAR-10",
+        type=_data,
+        metavar="NAME|FILE",
+        help="a data set (default: 8gaussians): 2-D toy data, the 8x8 digits, MNIST, CIFAR-10, "
+        "tables that install with cnf, MAF's benchmarks (" + ", ".join(names()) + "), or a "
+        "file of rows (.npy, .npz, .csv, .tsv, .pt), split 80/10/10 by --split-seed",
     )
     t.add_argument(
         "--architecture",
@@ -138,19 +152,63 @@ def _train_parser(sub) -> None:
         + _by_data(lambda recipe: recipe.architecture)
         + ")",
     )
-    t.add_argument("--root", help="folder of the MNIST/CIFAR-10 files")
+    t.add_argument("--root", help="folder of the MNIST, CIFAR-10 or MAF benchmark files")
     t.add_argument(
         "--split-seed",
         type=int,
-        help="seed of the digits' train/val/test split (default: "
-        + _by_data(lambda recipe: recipe.split.seed)
-        + ")",
+        help="seed of the train/val/test split of the digits, a file or a bundled table "
+        "(default: " + _by_data(lambda recipe: recipe.split.seed) + ")",
     )
+    _table_flags(t)
     t.add_argument("--out", help="output folder (default runs/<data>)")
     _model_flags(t)
     _training_flags(t)
     _run_flags(t)
     t.set_defaults(func=cmd_train)
+
+
+def _data(text: str) -> str:
+    """``--data``: a recipe's name, or a file of a type :func:`cnf.data.read_table` reads."""
+    from pathlib import Path
+
+    from ..data import FILE_SUFFIXES
+    from ..recipes import names
+
+    if text in names() or Path(text).suffix.lower() in FILE_SUFFIXES:
+        return text
+    raise argparse.ArgumentTypeError(
+        f"{text!r} is neither a data set ({', '.join(names())}) nor a file of rows "
+        f"({', '.join(FILE_SUFFIXES)})"
+    )
+
+
+def _names(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated column names, got {text!r}")
+    return names
+
+
+def _table_flags(t: argparse.ArgumentParser) -> None:
+    """The flags of tables read from a file."""
+    t.add_argument(
+        "--columns",
+        type=_names,
+        help="a file's columns to fit, by header name or 0-based index, comma-separated "
+        "(default: all; a column that is not numeric must be left out)",
+    )
+    t.add_argument(
+        "--drop-nonfinite",
+        action="store_true",
+        help="drop a file's rows holding NaN, Inf or a missing value (default: refuse them, "
+        "naming the first)",
+    )
+    t.add_argument(
+        "--no-standardize",
+        action="store_true",
+        help="tables: no standardization step in the model (default: one, fitted to the "
+        "training rows, so that densities are in the data's units whatever their scale)",
+    )
 
 
 def _run_flags(t: argparse.ArgumentParser) -> None:

@@ -33,6 +33,7 @@ MODEL_FLAGS = {
     "trace": ("trace", "--trace"),
     "tol": ("rtol", "--tol"),
     "dtype": ("dtype", "--dtype"),
+    "no_standardize": ("standardize", "--no-standardize"),
 }
 """The model flags: their attribute, the (generic) spec setting they set, and the flag."""
 
@@ -111,7 +112,9 @@ def _setting_conflicts(last: Path, state: dict, given: dict, stage: str, notes: 
 
 def _model_conflicts(recipe, args, spec: dict, before: dict, last: Path) -> list:
     """The model flags given that contradict the model spec of the checkpoint ``last``."""
-    new, old = (s if s["kind"] == "toy2d" else s.get("options", {}) for s in (spec, before))
+    from ..models import settings_of
+
+    new, old = (settings_of(s) for s in (spec, before))
     conflicts = []
     for attr, (setting, flag) in MODEL_FLAGS.items():
         key = recipe.aliases.get(setting, setting)

@@ -17,9 +17,14 @@ from .pictures import write_pictures
 from .resume import resumed
 
 
-def _model_settings(args: argparse.Namespace) -> dict:
-    """The model flags, for :meth:`cnf.recipes.Recipe.spec` (None: the recipe's value)."""
+def _model_settings(args: argparse.Namespace, recipe, data) -> dict:
+    """The model flags, for :meth:`cnf.recipes.Recipe.spec` (None: the recipe's value); a
+    table's model also takes the data's width."""
+    table = {}
+    if recipe.kind == "tabular":
+        table = {"dim": data.dim, "standardize": False if args.no_standardize else None}
     return dict(
+        table,
         hidden=args.hidden,
         activation=args.activation,
         blocks=args.blocks,
@@ -55,13 +60,33 @@ STAGE_WORDS = {
 """How ``cnf train`` names each training stage in its messages."""
 
 
-def _spec(recipe, args: argparse.Namespace) -> dict:
+def _spec(recipe, args: argparse.Namespace, data) -> dict:
     """The model spec of the flags; for flow matching, fixed ``T`` adding up to 1."""
     if args.objective == "likelihood":
-        return recipe.spec(**_model_settings(args))
+        return recipe.spec(**_model_settings(args, recipe, data))
     if args.T is not None and not args.fixed_T:
         raise ValueError("flow matching needs a fixed T: add --fixed-T (the blocks' T sum to 1)")
-    return recipe.flow_matching_spec(**_model_settings(args))
+    return recipe.flow_matching_spec(**_model_settings(args, recipe, data))
+
+
+def _recipe_and_record(args: argparse.Namespace):
+    """The recipe of ``--data`` (a name, or a file: the ``file`` recipe) and the record of the
+    run's data; flags that do not apply to that data are refused."""
+    from ..recipes import get, names
+
+    if args.data in names():
+        recipe, root = get(args.data, args.architecture), args.root
+        if args.columns or args.drop_nonfinite:
+            raise ValueError("--columns and --drop-nonfinite apply to a file given to --data")
+    else:
+        if args.root:
+            raise ValueError("--root is the folder of MNIST, CIFAR-10 or MAF's files; a file "
+                             "given to --data needs none")  # fmt: skip
+        recipe, root = get("file", args.architecture), args.data
+    if args.no_standardize and recipe.kind != "tabular":
+        raise ValueError("--no-standardize applies to tables; other data have no such step")
+    options = {"columns": args.columns, "drop_nonfinite": args.drop_nonfinite or None}
+    return recipe, recipe.record(root=root, split_seed=args.split_seed, **options)
 
 
 def _stages(recipe, args: argparse.Namespace, out: Path) -> list[tuple[str, Path]]:
@@ -105,27 +130,28 @@ def _stage_options(recipe, stage: str, args, folder: Path, run: dict) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``cnf train``: train the recipe the flags pick, with their values, stage by stage."""
-    from ..models import build
-    from ..recipes import get
+    from ..models import build, fit_standardization
     from ..training.checkpoint import check_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    recipe = get(args.data, args.architecture)
+    recipe, record = _recipe_and_record(args)
     device = pick_device(args.device)
-    out = check_folder(Path(args.out or f"runs/{args.data}"), "--out")
-    spec = _spec(recipe, args)
+    out = check_folder(Path(args.out or f"runs/{Path(args.data).stem}"), "--out")
+    data = record.load()  # before the model: a table's model takes its width
+    spec = _spec(recipe, args, data)
     stages = _stages(recipe, args, out)
-    record = recipe.record(root=args.root, split_seed=args.split_seed)
     kept = resumed(recipe, args, stages, record, spec) if args.resume else {}
     spec = kept.pop("spec", spec)  # the checkpoint's model: the flags agree with it
     seeds = [settings["seed"] for settings in kept.values() if "seed" in settings]
     seed = args.seed if args.seed is not None else (seeds[0] if seeds else 0)
     torch.manual_seed(seed)
     model = build(spec).to(device)
-    data = record.load()
-    val = data.part("val", seed=seed + 1, n=args.eval_n)
     extra = {"spec": spec, "data": recipe.name, "recipe": record.to_dict()}
+    if recipe.kind == "tabular":  # densities in the data's units; the names label samples
+        fit_standardization(model, data.part("train"), names=data.columns)
+        extra["columns"] = list(data.columns)
+    val = data.part("val", seed=seed + 1, n=args.eval_n)
     tol = _spec_tol(spec)
     run = dict(data=data, val=val, tol=tol, device=device, extra=extra, seed=seed, kept=kept)
     for k, (stage, folder) in enumerate(stages):
@@ -139,7 +165,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _spec_tol(spec: dict) -> float:
     """The training tolerance of a model spec (its rtol; atol is the same in every recipe)."""
-    return (spec if spec["kind"] == "toy2d" else spec["options"])["rtol"]
+    from ..models import settings_of
+
+    return settings_of(spec)["rtol"]
 
 
 def _kept(recipe, folder: Path) -> Path:
@@ -149,14 +177,16 @@ def _kept(recipe, folder: Path) -> Path:
 
 def _train_stage(recipe, args, model, stage: str, folder: Path, run: dict, last: bool) -> None:
     """Train ``model`` for one stage into ``folder``; the last stage reports and draws."""
+    from ..models import settings_of
     from ..training import fit
 
     options = _stage_options(recipe, stage, args, folder, run)
     data, tol = run["data"], run["tol"]
     how = STAGE_WORDS[stage]
-    trace = args.trace or recipe.model["trace"]
+    trace = settings_of(run["extra"]["spec"])["trace"]
+    name = getattr(data, "name", recipe.name)
     print(
-        f"training a CNF ({recipe.architecture}){how} on {recipe.name} ({data.describe()}): "
+        f"training a CNF ({recipe.architecture}){how} on {name} ({data.describe()}): "
         f"{options['iters']} iterations, batch {options['batch_size']}, trace {trace}, "
         f"tol {tol:g}, device {run['device']}; writing {folder}/",
         flush=True,
