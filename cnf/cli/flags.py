@@ -371,14 +371,30 @@ def _other_parsers(sub) -> None:
         default=12345,
         help="seed of the fresh 2-D test points and the dequantization (default: 12345)",
     )
+    e.add_argument(
+        "--data",
+        metavar="FILE",
+        help="score on the rows of this file instead of the run's test part (models of "
+        "tables: the columns it was trained on, in its units)",
+    )
+    e.add_argument(
+        "--drop-nonfinite",
+        action="store_true",
+        help="--data: drop rows holding NaN, Inf or a missing value (default: refuse them)",
+    )
     e.add_argument("--json", help="also write the result to this JSON file")
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
-    s = sub.add_parser("sample", help="draw samples to a .npy file")
+    s = sub.add_parser("sample", help="draw samples to a .npy (or, for tables, .csv) file")
     s.add_argument("--checkpoint", required=True, help="a checkpoint of cnf train")
     s.add_argument("--n", type=_POSITIVE, default=10000, help="samples (default: 10000)")
-    s.add_argument("--out", default="samples.npy", help="the .npy file (default: samples.npy)")
+    s.add_argument(
+        "--out",
+        default="samples.npy",
+        help="the .npy or .csv file, in the data's units (default: samples.npy); a .csv has a "
+        "header of the data's column names",
+    )
     s.add_argument("--seed", type=int, default=0, help="seed of the base samples (default: 0)")
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)

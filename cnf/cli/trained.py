@@ -32,9 +32,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _output_file(args.json, "--json")
     state, record, model = open_checkpoint(args.checkpoint, device)
-    recipe, data = record.recipe, record.load()
+    recipe = record.recipe
     policy = recipe.evaluation
-    test = data.part("test", seed=args.seed, n=args.n)
+    if args.data is not None:
+        data = None
+        test = _rows_of(args.data, record, model, args.drop_nonfinite)[: args.n]
+    else:
+        data = record.load()
+        test = data.part("test", seed=args.seed, n=args.n)
     tol = policy.tol if args.tol is None else args.tol
     draws = policy.test_draws if args.draws is None else args.draws
     tic = time.perf_counter()
@@ -47,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size or policy.batch_size,
     )
     result = {
-        "data": recipe.name,
+        "data": args.data or recipe.name,
         "n": len(test),
         policy.metric: value,
         "trace": policy.trace,
@@ -56,12 +61,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "tol": tol,
         "seconds": time.perf_counter() - tic,
     }
-    msg = f"{recipe.name}: test {metric_value(policy.metric, value, 4)} on {len(test)} points"
+    where = args.data or getattr(data, "name", recipe.name)
+    msg = f"{where}: test {metric_value(policy.metric, value, 4)} on {len(test)} points"
+    if recipe.kind == "tabular":
+        msg += " (per row, in the data's units)"
     if policy.metric == "bits_per_dim":
         result["draws"] = draws
         msg += f", {draws} dequantization draws"
     msg += f" ({policy.trace} trace, tol {tol:g})"
-    if data.entropy is not None:
+    if data is not None and data.entropy is not None:
         result.update(entropy=data.entropy, gap=value - data.entropy)
         msg += f"; entropy {data.entropy:.4f}, gap {value - data.entropy:.4f}"
     print(msg)
@@ -70,18 +78,60 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _rows_of(path: str, record, model, drop_nonfinite: bool):
+    """The rows of the file ``path`` to score a checkpoint's model of tables on: its recorded
+    columns, as many as the model has, float64 ``(n, D)``."""
+    from ..data import read_table
+
+    if record.recipe.kind == "image":
+        raise ValueError("--data scores a model of tables or 2-D points on a file; this "
+                         "checkpoint holds an image model")  # fmt: skip
+    columns = (record.options or {}).get("columns")
+    try:
+        table = read_table(path, columns=columns, drop_nonfinite=drop_nonfinite)
+    except ValueError as exc:
+        if not columns:
+            raise
+        raise ValueError(f"{exc} (the model was trained on columns {columns})") from None
+    want = model.event_shape.numel()
+    if table.values.shape[1] != want:
+        picked = f" (its columns {', '.join(map(str, columns))})" if columns else ""
+        raise ValueError(
+            f"{path} has {table.values.shape[1]} columns{picked}, but the checkpoint's model "
+            f"has {want}: give a file with the columns it was trained on, in the same order"
+        )
+    if table.dropped:
+        print(f"dropped {table.dropped} rows of {path} holding NaN, Inf or a missing value")
+    return torch.as_tensor(table.values)
+
+
+def _write_samples(out: Path, x: np.ndarray, columns) -> None:
+    """``x`` ``(n, *event_shape)`` to ``.npy``, or to ``.csv`` with a header of ``columns``."""
+    if out.suffix.lower() == ".csv":
+        if x.ndim != 2:
+            raise ValueError(
+                f"a .csv file holds rows; these samples are {x.shape[1:]} each: use .npy"
+            )
+        header = ",".join(columns or (f"x{i}" for i in range(x.shape[1])))
+        np.savetxt(out, x, delimiter=",", header=header, comments="", fmt="%.9g")
+    else:
+        np.save(out, x)
+
+
 def cmd_sample(args: argparse.Namespace) -> int:
-    """``cnf sample``: draw ``--n`` samples of a checkpoint's model to a .npy file."""
+    """``cnf sample``: draw ``--n`` samples of a checkpoint's model to a .npy or .csv file."""
     device = pick_device(args.device)
     out = _output_file(args.out, "--out")
-    _, record, model = open_checkpoint(args.checkpoint, device)
+    if out.suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--out {out}: write samples to a .npy or .csv file")
+    state, record, model = open_checkpoint(args.checkpoint, device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
         x = model.sample(args.n, generator=gen)
     if record.recipe.levels is not None:
         x = x.clamp(0.0, 1.0)  # the logit's inverse can step slightly outside [0, 1]
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.save(out, x.detach().cpu().numpy())
+    _write_samples(out, x.detach().cpu().numpy(), state.get("columns"))
     print(f"wrote {args.n} samples to {out}")
     return 0
 
