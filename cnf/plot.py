@@ -839,7 +839,8 @@ def _pair_panel(ax, x: np.ndarray, y: np.ndarray, xlim, ylim, bins: int, kind: s
     """The points ``(x, y)`` of ``who`` ("data" or "model") over ``xlim`` by ``ylim``."""
     color, cmap = _COLORS[who]
     if kind == "scatter" or (kind == "auto" and len(x) < _SCATTER_BELOW):
-        ax.scatter(x, y, s=3, alpha=0.5, color=color, linewidths=0, rasterized=True)
+        size = float(np.clip(2000 / len(x), 3.0, 16.0))  # a few points must still be seen
+        ax.scatter(x, y, s=size, alpha=0.6, color=color, linewidths=0, rasterized=True)
     else:
         counts, _, _ = np.histogram2d(x, y, bins=bins, range=[xlim, ylim])
         # a square root scale: the tails of a density stay visible beside its modes
@@ -853,6 +854,10 @@ def _pair_panel(ax, x: np.ndarray, y: np.ndarray, xlim, ylim, bins: int, kind: s
 
 def _diagonal_panel(ax, column: int, tables: dict, lim, bins: int) -> None:
     """The marginal histograms of ``column`` of each table, as steps; no density ticks."""
+    # the same bins for both, so that they compare; fewer than asked for a few points (the
+    # Rice rule, 2 m^(1/3)): 50 bins over 20 rows draw noise, not a shape
+    fewest = min(len(rows) for rows in tables.values())
+    bins = min(bins, max(5, math.ceil(2 * fewest ** (1 / 3))))
     for who, rows in tables.items():
         density, edges = _marginal_histogram(rows[:, column], lim, bins)
         ax.stairs(density, edges, color=_COLORS[who][0], lw=1.2, label=who)
@@ -942,7 +947,8 @@ def plot_pairs(
         data: None (the samples then fill both triangles), or data rows of shape ``(n, D)``.
         columns: a name per column, ``D`` of them (default ``x0, x1, ...``), on the outer axes.
         max_columns: at most this many columns are shown (the title says when some are not).
-        bins: histogram bins per axis, for the marginals and the 2-D histograms.
+        bins: histogram bins per axis of the 2-D histograms, and at most this many for the
+            marginals (fewer for a few rows: ``2 m^(1/3)`` for the smaller table's ``m``).
         kind: off the diagonal, ``"hist"`` (2-D histograms, square-root colour scale),
             ``"scatter"``, or ``"auto"`` (a scatter for fewer than 2000 points, else binned).
 
