@@ -1,4 +1,5 @@
-r"""Pictures of 2-D flows: densities, samples, trajectories, an animation, training curves.
+r"""Pictures of 2-D flows: densities, samples, trajectories, an animation, training curves;
+pair plots of tables.
 
 Every function returns a :class:`matplotlib.figure.Figure` (except :func:`animate_flow`, which
 writes a GIF and returns its path). The figures are built with the object-oriented API and are
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from matplotlib.animation import PillowWriter
 from matplotlib.collections import LineCollection
-from matplotlib.colors import Normalize
+from matplotlib.colors import Normalize, PowerNorm
 from matplotlib.figure import Figure
 from torch import Tensor
 
@@ -56,6 +57,7 @@ __all__ = [
     "plot_curves",
     "plot_density",
     "plot_images",
+    "plot_pairs",
     "plot_samples",
     "plot_trajectories",
 ]
@@ -764,3 +766,210 @@ def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "d
         ax.set_axis_off()
         ax.set_title(f"{titles[k]} ({a.shape[0]})")
     return fig
+
+
+# ---------------------------------------------------------------------------- pair plots
+
+_QUANTILES = (0.005, 0.995)  # a column's range: robust to a few far outliers
+_WIDEN = 0.05  # of the range's width, added at each end so the extreme bins are not cut off
+_SCATTER_BELOW = 2000  # kind="auto": fewer points than this are scattered, more binned
+_COLORS = {"data": ("C0", "Blues"), "model": ("C1", "Oranges")}  # line colour, colormap
+
+
+def _as_rows(x, name: str) -> np.ndarray:
+    """``x`` (tensor or array-like) as a float64 numpy array of shape ``(m, D)``, checked."""
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().double().numpy()
+    try:
+        x = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{name} must be an array of rows of shape (m, D): {err}") from None
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
+        raise ValueError(
+            f"{name} must have shape (m, D), one row per point with m >= 1 and D >= 1, "
+            f"got shape {x.shape}"
+        )
+    bad = ~np.isfinite(x)
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(
+            f"{name} contains NaN or Inf (first at row {row}, column {col}); drop those rows "
+            f"before plotting"
+        )
+    return x
+
+
+def _column_names(columns, dim: int) -> list[str]:
+    """``columns`` as ``dim`` strings; None: ``x0, x1, ...``."""
+    if columns is None:
+        return [f"x{i}" for i in range(dim)]
+    if isinstance(columns, str) or not isinstance(columns, Sequence):
+        raise ValueError(f"columns must be a sequence of {dim} names, got {columns!r}")
+    if len(columns) != dim:
+        raise ValueError(f"columns has {len(columns)} names for {dim} columns; give one each")
+    return [str(name) for name in columns]
+
+
+def _column_ranges(points: np.ndarray) -> np.ndarray:
+    """The range shown per column of ``points`` ``(m, D)``: shape ``(D, 2)``, low then high.
+
+    The 0.5% and 99.5% quantiles, widened by 5% of their distance at each end (a constant
+    column gets a unit-wide range around its value), so that a few outliers do not squash the
+    picture of everything else.
+    """
+    low, high = np.quantile(points, _QUANTILES, axis=0)
+    width = high - low
+    pad = np.where(width > 0, _WIDEN * width, 0.5 * np.maximum(1.0, np.abs(low)))
+    return np.stack([low - pad, high + pad], axis=1)
+
+
+def _marginal_histogram(values: np.ndarray, lim, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """A density histogram of ``values`` ``(m,)`` over ``lim = (low, high)`` in ``bins`` bins.
+
+    Returns ``(density, edges)`` of shapes ``(bins,)`` and ``(bins + 1,)``, normalised over the
+    values inside the range (``(density * np.diff(edges)).sum() == 1``), all zeros when none
+    are: the histogram compares shapes, which the values outside would not change.
+    """
+    counts, edges = np.histogram(values, bins=bins, range=tuple(lim))
+    total = counts.sum()
+    return counts / (max(total, 1) * np.diff(edges)), edges
+
+
+def _pair_panel(ax, x: np.ndarray, y: np.ndarray, xlim, ylim, bins: int, kind: str, who: str):
+    """The points ``(x, y)`` of ``who`` ("data" or "model") over ``xlim`` by ``ylim``."""
+    color, cmap = _COLORS[who]
+    if kind == "scatter" or (kind == "auto" and len(x) < _SCATTER_BELOW):
+        size = float(np.clip(2000 / len(x), 3.0, 16.0))  # a few points must still be seen
+        ax.scatter(x, y, s=size, alpha=0.6, color=color, linewidths=0, rasterized=True)
+    else:
+        counts, _, _ = np.histogram2d(x, y, bins=bins, range=[xlim, ylim])
+        # a square root scale: the tails of a density stay visible beside its modes
+        norm = PowerNorm(0.5, vmin=0.0, vmax=max(float(counts.max()), 1.0))
+        empty = np.ma.masked_equal(counts.T, 0)  # empty bins stay white, not the palest colour
+        extent = (*xlim, *ylim)
+        ax.imshow(empty, origin="lower", extent=extent, cmap=cmap, norm=norm, aspect="auto")
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+
+
+def _diagonal_panel(ax, column: int, tables: dict, lim, bins: int) -> None:
+    """The marginal histograms of ``column`` of each table, as steps; no density ticks."""
+    # the same bins for both, so that they compare; fewer than asked for a few points (the
+    # Rice rule, 2 m^(1/3)): 50 bins over 20 rows draw noise, not a shape
+    fewest = min(len(rows) for rows in tables.values())
+    bins = min(bins, max(5, math.ceil(2 * fewest ** (1 / 3))))
+    for who, rows in tables.items():
+        density, edges = _marginal_histogram(rows[:, column], lim, bins)
+        ax.stairs(density, edges, color=_COLORS[who][0], lw=1.2, label=who)
+    ax.set_xlim(*lim)
+    ax.set_ylim(bottom=0.0)
+    ax.set_yticks([])  # the density scale says little; the shapes are the point
+
+
+def _label_outer(axes: np.ndarray, names: list[str]) -> None:
+    """Column names and tick labels on the bottom row and the left column only."""
+    k = len(names)
+    for i in range(k):
+        for j in range(k):
+            ax = axes[i, j]
+            if i == k - 1:
+                ax.set_xlabel(names[j])
+                # narrow panels: slanted tick labels do not run into their neighbours'
+                ax.tick_params(axis="x", labelrotation=45 if k > 3 else 0, labelsize="small")
+            else:
+                ax.tick_params(axis="x", labelbottom=False)
+            if j == 0:
+                # the top-left panel is a histogram: its y is a density, unlabelled unless alone
+                ax.set_ylabel(names[i] if k > 1 else "density")
+                ax.tick_params(axis="y", labelsize="small")
+            elif i != j:
+                ax.tick_params(axis="y", labelleft=False)
+
+
+def _pairs_title(tables: dict, k: int, dim: int) -> str:
+    """Which table is where, and which columns are shown when not all are."""
+    data = f"{len(tables['data'])} rows" if "data" in tables else None
+    model = f"{len(tables['model'])} samples"
+    if k == 1:
+        title = f"data ({data}) and model ({model})" if data else f"model ({model})"
+    elif data:
+        title = f"data ({data}) below the diagonal, model ({model}) above"
+    else:
+        title = f"model ({model}) on both sides of the diagonal"
+    return title + (f"; the first {k} of {dim} columns" if dim > k else "")
+
+
+def _pairs_figure(tables: dict, names: list[str], k: int, bins: int, kind: str) -> Figure:
+    """The ``k x k`` grid: marginals on the diagonal, data below it, model above it."""
+    ranges = _column_ranges(tables.get("data", tables["model"])[:, :k])
+    size = min(_PANEL, 12.0 / k)  # a figure about 12 inches wide at most
+    fig = Figure(figsize=(k * size, k * size), layout="constrained")
+    axes = fig.subplots(k, k, squeeze=False)
+    below = "data" if "data" in tables else "model"  # no data: the model on both sides
+    for i in range(k):
+        for j in range(k):
+            if i == j:
+                _diagonal_panel(axes[i, i], i, tables, ranges[i], bins)
+                continue
+            who = below if i > j else "model"
+            rows = tables[who]
+            _pair_panel(axes[i, j], rows[:, j], rows[:, i], ranges[j], ranges[i], bins, kind, who)
+    _label_outer(axes, names[:k])
+    fig.suptitle(_pairs_title(tables, k, len(names)))
+    # once for the figure, below the panels: no histogram is hidden under it, and constrained
+    # layout does not stack an outside legend under the suptitle (they would overlap)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(tables), frameon=False)
+    return fig
+
+
+def plot_pairs(
+    samples,
+    data=None,
+    *,
+    columns: Sequence[str] | None = None,
+    max_columns: int = 6,
+    bins: int = 50,
+    kind: str = "auto",
+) -> Figure:
+    """Pair plots of tabular data beside model samples, any number of columns ``D >= 1``.
+
+    A ``k x k`` grid for the first ``k = min(D, max_columns)`` columns: on the diagonal the
+    marginal density histogram of each column (data and model as overlaid steps); below the
+    diagonal, panel ``(i, j)`` shows the data's column ``j`` (x) against column ``i`` (y);
+    above it the model's samples, so that data and model face each other across the diagonal.
+    Each column's range is the data's 0.5% to 99.5% quantiles, widened by 5% at each end (the
+    samples' when there are no data), the same for data and samples so that they compare;
+    points outside are not drawn. With ``D = 1``, a single panel: the histograms.
+
+    Args:
+        samples: model samples of shape ``(m, D)`` (tensor or array), e.g. ``model.sample(m)``.
+        data: None (the samples then fill both triangles), or data rows of shape ``(n, D)``.
+        columns: a name per column, ``D`` of them (default ``x0, x1, ...``), on the outer axes.
+        max_columns: at most this many columns are shown (the title says when some are not).
+        bins: histogram bins per axis of the 2-D histograms, and at most this many for the
+            marginals (fewer for a few rows: ``2 m^(1/3)`` for the smaller table's ``m``).
+        kind: off the diagonal, ``"hist"`` (2-D histograms, square-root colour scale),
+            ``"scatter"``, or ``"auto"`` (a scatter for fewer than 2000 points, else binned).
+
+    Returns:
+        A figure of ``k * k`` axes (not managed by pyplot; nothing to close).
+
+    Raises:
+        ValueError: for points not of shape ``(m, D)``, data and samples of different ``D``,
+            NaN or Inf, a wrong number of column names, or a bad option.
+    """
+    tables = {"model": _as_rows(samples, "samples")}
+    if data is not None:
+        tables = {"data": _as_rows(data, "data"), **tables}
+        if tables["data"].shape[1] != tables["model"].shape[1]:
+            raise ValueError(
+                f"data and samples must have the same number of columns D, got "
+                f"{tables['data'].shape[1]} and {tables['model'].shape[1]}"
+            )
+    dim = tables["model"].shape[1]
+    names = _column_names(columns, dim)
+    k = min(dim, _check_int("max_columns", max_columns, 1))
+    bins = _check_int("bins", bins, 1)
+    check_choice("kind", kind, ("auto", "hist", "scatter"))
+    return _pairs_figure(tables, names, k, bins, kind)

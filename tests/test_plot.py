@@ -336,3 +336,120 @@ def test_plot_images_grids_samples_beside_reference():
         plot.plot_images(rng.random((3, 8, 8)))
     with pytest.raises(ValueError, match="differ"):
         plot.plot_images(rng.random((3, 1, 8, 8)), rng.random((3, 1, 4, 4)))
+
+
+# ---------------------------------------------------------------------------- plot_pairs
+
+
+def _tables(dim: int, m: int = 3000, n: int = 2500) -> tuple[np.ndarray, np.ndarray]:
+    """``(samples, data)``: two Gaussian tables of ``dim`` columns with different scales."""
+    rng = np.random.default_rng(0)
+    scales = np.arange(1, dim + 1, dtype=np.float64)
+    return rng.normal(size=(m, dim)) * scales, rng.normal(size=(n, dim)) * scales
+
+
+@pytest.mark.deadline(60)
+@pytest.mark.parametrize(("dim", "shown"), [(1, 1), (2, 2), (5, 5), (9, 6)])
+def test_plot_pairs_grids_the_first_columns(dim, shown):
+    samples, rows = _tables(dim)
+    names = [f"col{i}" for i in range(dim)]
+    fig = plot.plot_pairs(samples, rows, columns=names)
+    axes = np.array(fig.axes).reshape(shown, shown)
+    assert [ax.get_xlabel() for ax in axes[-1]] == names[:shown]  # the bottom row
+    title = fig.get_suptitle()
+    assert "2500 rows" in title and "3000 samples" in title
+    assert (f"the first {shown} of {dim} columns" in title) == (dim > shown)
+    if shown == 1:
+        assert axes[0, 0].get_ylabel() == "density"
+    else:
+        assert [ax.get_ylabel() for ax in axes[:, 0]] == names[:shown]  # the left column
+        assert "below the diagonal" in title
+        # inner panels carry no tick labels: the outer ones say the ranges
+        assert not axes[0, 1].xaxis.get_tick_params()["labelbottom"]
+        assert not axes[0, 1].yaxis.get_tick_params()["labelleft"]
+        assert len(axes[1, 1].get_yticks()) == 0  # a density scale: not shown
+    assert [text.get_text() for text in fig.legends[0].get_texts()] == ["data", "model"]
+    _check_figure(fig, panels=shown * shown)
+
+
+@pytest.mark.deadline(60)
+def test_plot_pairs_marginals_are_densities_on_the_data_ranges():
+    samples, rows = _tables(3)
+    rows[0, 0] = 1e6  # one far outlier: the quantile ranges ignore it
+    fig = plot.plot_pairs(torch.as_tensor(samples), rows, bins=20)  # Rice: 28 for 2500
+    axes = np.array(fig.axes).reshape(3, 3)
+    for i in range(3):
+        steps = axes[i, i].patches
+        assert [step.get_label() for step in steps] == ["data", "model"]
+        for step in steps:
+            values, edges, _ = step.get_data()
+            assert len(values) == 20
+            assert float((values * np.diff(edges)).sum()) == pytest.approx(1.0)
+        # the same range for a column in every panel, data and model alike
+        low, high = axes[i, i].get_xlim()
+        assert axes[0 if i else 1, i].get_xlim() == (low, high)  # a model panel
+        assert axes[2 if i < 2 else 1, i].get_xlim() == (low, high)  # a data panel
+        assert -4.0 * (i + 1) < low < -2.0 * (i + 1) and 2.0 * (i + 1) < high < 4.0 * (i + 1)
+
+
+def test_marginal_histogram_of_values_out_of_range_is_zero():
+    density, edges = plot._marginal_histogram(np.array([5.0, 6.0]), (-1.0, 1.0), 4)
+    assert density.tolist() == [0.0] * 4 and edges.tolist() == [-1.0, -0.5, 0.0, 0.5, 1.0]
+    ranges = plot._column_ranges(np.array([[2.0, 0.0], [2.0, 1.0]]))  # a constant column
+    assert ranges[0, 0] < 2.0 < ranges[0, 1] and ranges[1, 0] < 0.0 and ranges[1, 1] > 1.0
+
+
+@pytest.mark.deadline(60)
+def test_plot_pairs_few_points_samples_only_and_scatter():
+    samples, _ = _tables(2, m=40)
+    fig = plot.plot_pairs(samples)  # no data: the model on both sides
+    assert "both sides" in fig.get_suptitle()
+    values, _, _ = fig.axes[0].patches[0].get_data()
+    assert len(values) == 7  # 40 rows: the Rice rule's ceil(2 * 40^(1/3)) bins, not 50
+    assert len(fig.axes[1].collections) == 1 and len(fig.axes[1].images) == 0  # a scatter
+    _check_figure(fig, panels=4)
+    samples, rows = _tables(2)
+    fig = plot.plot_pairs(samples, rows, kind="scatter")
+    assert all(len(ax.collections) == 1 for ax in (fig.axes[1], fig.axes[2]))
+    fig = plot.plot_pairs(samples, rows, kind="hist")
+    assert all(len(ax.images) == 1 for ax in (fig.axes[1], fig.axes[2]))
+
+
+@pytest.mark.deadline(60)
+def test_plot_pairs_rejects_bad_input():
+    samples, rows = _tables(3, m=10, n=10)
+    bad = {
+        "same number of columns": lambda: plot.plot_pairs(samples, rows[:, :2]),
+        r"shape \(m, D\)": lambda: plot.plot_pairs(samples[:, 0]),
+        "rows of shape": lambda: plot.plot_pairs([["a", "b"]]),
+        "NaN or Inf .first at row 2, column 1": lambda: plot.plot_pairs(
+            samples, np.where(np.arange(30).reshape(10, 3) == 7, np.nan, rows)
+        ),
+        "max_columns must be an int >= 1": lambda: plot.plot_pairs(samples, max_columns=0),
+        "bins must be an int": lambda: plot.plot_pairs(samples, bins=2.5),
+        "2 names for 3 columns": lambda: plot.plot_pairs(samples, columns=["a", "b"]),
+        "unknown kind": lambda: plot.plot_pairs(samples, kind="hexbin"),
+    }
+    for match, call in bad.items():
+        with pytest.raises(ValueError, match=match):
+            call()
+    with pytest.raises(ValueError, match="max_columns"):
+        plot.plot_pairs(samples, max_columns=True)
+
+
+@pytest.mark.deadline(60)
+def test_cnf_train_on_a_table_draws_pair_plots(tmp_path):
+    from cnf.cli import main
+
+    rng = np.random.default_rng(0)
+    table = rng.normal(size=(200, 3))
+    table[:, 1] += table[:, 0] ** 2
+    csv = tmp_path / "table.csv"
+    np.savetxt(csv, table, delimiter=",", header="a,b,c", comments="")
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(csv), "--iters", "2", "--eval-every", "1", "--quiet"]
+    assert main([*argv, "--hidden", "8", "--out", str(out)]) == 0
+    assert (out / "pairs.png").is_file() and (out / "curves.png").is_file()
+    assert not (out / "flow.gif").exists()  # no animation of tables
+    with Image.open(out / "pairs.png") as image:
+        assert min(image.size) > 500

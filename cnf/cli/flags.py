@@ -247,7 +247,7 @@ def _part_size_default(part: str) -> str:
 
 def _pictures_default() -> str:
     """The help's default number of samples in the pictures, per kind of data."""
-    kinds = {"toy2d": "2-D", "image": "image"}
+    kinds = {"toy2d": "2-D", "tabular": "tabular", "image": "image"}
     return ", ".join(f"{n} for {kinds[kind]} data" for kind, (_, n) in PICTURES.items())
 
 

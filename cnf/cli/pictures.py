@@ -1,6 +1,6 @@
 """The pictures of a trained model: density, samples and trajectories (2-D data), samples
-beside test images (images), and the training curves; written by ``cnf train`` and
-``cnf plot``."""
+beside test images (images), pair plots of samples and test rows (tables), and the training
+curves; written by ``cnf train`` and ``cnf plot``."""
 
 from __future__ import annotations
 
@@ -40,7 +40,22 @@ def _image_pictures(model, record, n: int, device, gif: bool, out: Path) -> tupl
     return figures, []  # no animation of images
 
 
-PICTURES = {"toy2d": (_toy_pictures, 20000), "image": (_image_pictures, 64)}
+def _table_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
+    from .. import plot
+
+    data = record.load()
+    gen = torch.Generator(device=device).manual_seed(0)
+    with torch.no_grad():  # the model's Standardize step puts the samples in the data's units
+        samples = model.sample(n, generator=gen)
+    pairs = plot.plot_pairs(samples, data.part("test"), columns=data.columns)
+    return {"pairs.png": pairs}, []  # no animation of tables
+
+
+PICTURES = {
+    "toy2d": (_toy_pictures, 20000),
+    "tabular": (_table_pictures, 5000),
+    "image": (_image_pictures, 64),
+}
 """Per kind of model: the function that draws its pictures (figures, and the names of files it
 wrote itself) and their default number of samples."""
 
