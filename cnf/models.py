@@ -98,7 +98,12 @@ def toy_spec(**changes: Any) -> dict[str, Any]:
 
 
 def tabular_spec(
-    dim: int, *, hidden_factor: int | None = None, layers: int = 2, **changes: Any
+    dim: int,
+    *,
+    hidden_factor: int | None = None,
+    layers: int = 2,
+    width_range: tuple[int, int] | None = None,
+    **changes: Any,
 ) -> dict[str, Any]:
     """:data:`TABULAR_DEFAULTS` for ``dim`` columns with ``changes``.
 
@@ -107,6 +112,7 @@ def tabular_spec(
         hidden_factor: ``layers`` hidden layers of ``hidden_factor * D`` units each (FFJORD's
             ``hdim_factor`` and ``nhidden``), unless ``hidden`` is given.
         layers: hidden layers of the ``hidden_factor`` rule.
+        width_range: ``(least, most)`` units per layer of that rule (None: no bounds).
         changes: other settings of :data:`TABULAR_DEFAULTS` (None keeps the default);
             ``trace="auto"`` resolves to ``"exact"`` or ``"hutchinson"``.
     """
@@ -114,7 +120,10 @@ def tabular_spec(
         raise ValueError(f"dim must be an int >= 1 (the data's columns), got {dim!r}")
     changes = {k: v for k, v in changes.items() if v is not None}
     if hidden_factor is not None and "hidden" not in changes:
-        changes["hidden"] = [int(hidden_factor) * dim] * int(layers)
+        width = int(hidden_factor) * dim
+        if width_range is not None:
+            width = min(max(width, int(width_range[0])), int(width_range[1]))
+        changes["hidden"] = [width] * int(layers)
     spec = _vector_spec(TABULAR_DEFAULTS, {**changes, "dim": dim})
     if spec["trace"] == "auto":
         spec["trace"] = "exact" if exact_trace_affordable(dim, spec["hidden"]) else "hutchinson"
@@ -200,7 +209,17 @@ def _build_image(spec: dict[str, Any]) -> Flow:
 
 def build(spec: dict[str, Any]) -> Flow:
     """Build the (untrained) model a spec describes; a tabular model's Standardize step is the
-    identity until :func:`fit_standardization` (or a checkpoint's weights) sets it."""
+    identity until :func:`fit_standardization` (or a checkpoint's weights) sets it.
+
+    The model keeps a copy of the spec as ``model.spec``; :func:`cnf.training.fit` stores it in
+    its checkpoints, so that :func:`cnf.training.load` rebuilds the model from the file alone.
+    """
+    model = _build(spec)
+    model.spec = deepcopy(dict(spec))
+    return model
+
+
+def _build(spec: dict[str, Any]) -> Flow:
     kind = spec.get("kind")
     if kind == "image":
         return _build_image(spec)

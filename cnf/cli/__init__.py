@@ -35,4 +35,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the ODE solver failed: {exc}", file=sys.stderr)
     except OSError as exc:  # a full disk, a file that vanished, no permission
         print(f"error: {exc}", file=sys.stderr)
+    except ImportError as exc:  # an optional dependency (pandas for GAS, h5py for BSDS300)
+        print(f"error: {exc}", file=sys.stderr)
     return 2

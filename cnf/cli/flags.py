@@ -108,7 +108,8 @@ def _spec_options(name: str) -> dict:
     if recipe.kind == "tabular" and recipe.event_shape is None:  # a file: its width decides
         model = dict(recipe.model)
         factor, layers = model.pop("hidden_factor"), model.pop("layers")
-        return {**model, "hidden": f"{layers} layers of {factor} x D units"}
+        low, high = model.pop("width_range")
+        return {**model, "hidden": f"{layers} layers of {factor} x D units in [{low}, {high}]"}
     return settings_of(recipe.spec())
 
 

@@ -431,7 +431,12 @@ class Trainer:
         ) from cause
 
     def state(self) -> dict[str, Any]:
-        """The run as a checkpoint (format 2, :mod:`cnf.training.checkpoint`)."""
+        """The run as a checkpoint (format 2, :mod:`cnf.training.checkpoint`); a model built
+        from a spec (:func:`cnf.models.build`) stores it, so that :func:`load` rebuilds it."""
+        extra = dict(self.config.extra_state or {})
+        spec = getattr(getattr(self.model, "module", self.model), "spec", None)
+        if isinstance(spec, dict):
+            extra.setdefault("spec", spec)
         return training_state(
             model=self.model,
             optimizer=self.optimizer,
@@ -441,7 +446,7 @@ class Trainer:
             seed=self.config.seed,
             ema=self.ema,
             settings=self.settings(),
-            extra=self.config.extra_state,
+            extra=extra,
         )
 
     def settings(self) -> dict[str, Any]:
