@@ -271,7 +271,7 @@ def test_bad_flags_are_usage_errors(capsys):
     with pytest.raises(SystemExit) as info:
         main(["train", "--data", "nowhere"])
     assert info.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+    assert "neither a data set" in capsys.readouterr().err
     with pytest.raises(SystemExit) as info:
         main(["train", "--hidden", "16,x"])
     assert info.value.code == 2
@@ -316,6 +316,7 @@ def test_checkpoint_records_its_recipe(run):
         "name": "8gaussians",
         "architecture": "mlp",
         "split_seed": None,
+        "options": None,
         "root": None,
     }
 

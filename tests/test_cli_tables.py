@@ -161,3 +161,18 @@ def test_resume_keeps_the_standardization_choice(tmp_path, capsys):
     assert not any("mean" in k for k in state["model"])
     assert _train(tmp_path, "--resume", "--iters", "6") == 0  # takes the checkpoint's model
     assert load_checkpoint(tmp_path / "run" / "last.pt")["iteration"] == 6
+
+
+@pytest.mark.parametrize("name", ["breast-cancer", "patches"])
+def test_real_tables_that_install_offline_train_and_evaluate(tmp_path, capsys, name):
+    """End to end on real data: a few iterations of the recipe, its test NLL, its pictures."""
+    pytest.importorskip("sklearn")
+    out = tmp_path / "run"
+    argv = ["train", "--data", name, "--out", str(out), "--iters", "3", "--eval-every", "3",
+            "--batch-size", "64", "--eval-n", "200", "--quiet", "--plot-n", "300"]  # fmt: skip
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert f"on {name} (" in text and "trace exact" in text and "best validation NLL" in text
+    assert (out / "pairs.png").read_bytes().startswith(b"\x89PNG")
+    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--n", "100"]) == 0
+    assert "test NLL" in capsys.readouterr().out

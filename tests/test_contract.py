@@ -15,7 +15,7 @@ import torch
 
 import cnf
 from cnf.fields import ConcatSquashConvNet, ConcatSquashMLP
-from cnf.models import build, image_spec, toy_spec
+from cnf.models import build, fit_standardization, image_spec, tabular_spec, toy_spec
 from cnf.training import load, save_checkpoint
 
 F64 = torch.float64
@@ -43,6 +43,12 @@ def _seq_standardize() -> cnf.Flow:
     return cnf.SequentialFlow([cnf.Standardize.fit(x), block])
 
 
+def _tabular() -> cnf.Flow:
+    """The model of ``cnf train --data FILE``: Standardize fitted to rows, then a block."""
+    rows = torch.tensor([[10.0, 0.01, 5.0], [30.0, 0.04, 1.0], [20.0, 0.02, 3.0]])
+    return fit_standardization(build(SPECS["tabular"]), rows.to(F64), names=["a", "b", "c"])
+
+
 # name -> (make model, make data, spec for the public load or None)
 VARIANTS = {
     "cnf": (lambda: build(SPECS["cnf"]), lambda n: torch.randn(n, 2, dtype=F64)),
@@ -54,6 +60,13 @@ VARIANTS = {
     ),
     "logit": (_seq_logit, lambda n: torch.rand(n, 1, 2, 2, dtype=F64)),
     "squeeze": (_seq_squeeze, lambda n: torch.randn(n, 1, 2, 2, dtype=F64)),
+    "tabular": (
+        _tabular,
+        lambda n: (
+            torch.randn(n, 3, dtype=F64) * torch.tensor([10.0, 0.01, 2.0], dtype=F64)
+            + torch.tensor([20.0, 0.02, 3.0], dtype=F64)
+        ),
+    ),
     "standardize": (
         _seq_standardize,
         lambda n: (
@@ -65,6 +78,7 @@ VARIANTS = {
 SPECS = {
     "cnf": toy_spec(hidden=[8, 8], dtype="float64"),
     "blocks": toy_spec(hidden=[8], blocks=2, dtype="float64"),
+    "tabular": tabular_spec(3, hidden=[8, 8], dtype="float64"),
     "dense": image_spec("digits", "dense", hidden=[16], blocks=2, dtype="float64"),
     "multiscale": image_spec(
         "digits", "multiscale", hidden_channels=[4], blocks_per_scale=1, dtype="float64"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import time
 
 import pytest
@@ -456,7 +457,7 @@ def test_train_help_gives_defaults_from_the_recipes():
     helps = {a.option_strings[0]: a.help for a in _subparsers()["train"]._actions if a.help}
     iters = helps["--iters"]
     assert f"2-D data, mnist, cifar10 {get('8gaussians').training['iters']}" in iters
-    assert f"digits {get('digits').training['iters']}" in iters
+    assert re.search(rf"digits[^;]* {get('digits').training['iters']}", iters)
     assert str(get("8gaussians").fit_options("flow-matching")["iters"]) in iters
     assert f"{get('8gaussians').training['lr']:g}" in helps["--lr"]
 

@@ -85,8 +85,10 @@ def test_load_without_an_average_gives_the_trained_weights(tmp_path):
 
 
 def test_load_rejects_bad_requests(tmp_path):
+    model = build(_spec())
+    del model.spec  # a model built in Python: no spec to rebuild it from
     fit(
-        build(_spec()),
+        model,
         DATA,
         iters=1,
         batch_size=16,
@@ -98,6 +100,15 @@ def test_load_rejects_bad_requests(tmp_path):
         load(tmp_path / "last.pt")
     with pytest.raises(ValueError, match="weights must be one of"):
         load(tmp_path / "last.pt", weights="best")
+
+
+def test_a_model_built_from_a_spec_is_stored_with_it(tmp_path):
+    """fit stores ``model.spec``, so load rebuilds a model trained from Python alone."""
+    model = build(_spec())
+    fit(model, DATA, iters=1, batch_size=16, objective=_quadratic, checkpoint_dir=tmp_path,
+        progress=False)  # fmt: skip
+    assert load_checkpoint(tmp_path / "last.pt")["spec"] == model.spec
+    assert _same_weights(load(tmp_path / "last.pt"), model.state_dict())
     with pytest.raises(CheckpointError, match="no checkpoint at"):
         load(tmp_path / "nothing.pt")
 
