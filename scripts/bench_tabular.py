@@ -76,7 +76,7 @@ except ImportError:  # pragma: no cover - optional peer
     zuko = None
 
 SETS = ("patches", "breast-cancer", "synthetic8")
-MODELS = ("cnf", "nsf", "maf")
+MODELS = ("cnf", "cnf-fm", "nsf", "maf")
 UNBOUNDED = 10**9  # cnf's iterations when only the budget ends the run
 
 
@@ -216,12 +216,17 @@ class WallBudget(Hook):
             trainer.iters = trainer.iteration
 
 
-def run_cnf(name, recipe, data, args, val, test, folder) -> Run:
+def run_cnf(name, recipe, data, args, val, test, folder, flow_matching=False) -> Run:
+    """cnf's recipe trained by maximum likelihood, or (``flow_matching``) the same model with
+    fixed T trained by the recipe's flow-matching plan: a regression of the field, no solve
+    per step; both validated and tested by exact likelihood."""
     torch.manual_seed(args.seed)
-    model = recipe.new_model(data)
-    spare = recipe.new_model(data)  # scores the best weights at the marks
+    model = recipe.new_model(data, flow_matching=flow_matching)
+    spare = recipe.new_model(data, flow_matching=flow_matching)  # scores the best at the marks
+    label = "cnf-fm" if flow_matching else "cnf"
     options = {
         **recipe.fit_options(
+            "flow-matching" if flow_matching else "likelihood",
             iters=args.cnf_iters or UNBOUNDED,
             eval_every=0,  # WallBudget validates, on the clock
             progress=False,
@@ -246,18 +251,18 @@ def run_cnf(name, recipe, data, args, val, test, folder) -> Run:
         spare.load_state_dict(state)
         return recipe.score(spare.eval(), test)
 
-    run = Run(name, "cnf", args, validate, snapshot, score)
+    run = Run(name, label, args, validate, snapshot, score)
     trainer.hooks.insert(trainer.hooks.index(trainer.checkpoints), WallBudget(run, evaluation))
     error = None
     try:
         trainer.run()
     except TrainingError as exc:  # report what was reached before the failure
         error = str(exc)
-        print(f"  {name} cnf: training stopped: {error}")
+        print(f"  {name} {label}: training stopped: {error}")
     seconds = run.clock.elapsed()
     if run.best_state is None:
-        raise RuntimeError(f"{name} cnf: no finite validation NLL in the budget ({error})")
-    best = load(Path(folder) / "best.pt", model=recipe.new_model(data))
+        raise RuntimeError(f"{name} {label}: no finite validation NLL in the budget ({error})")
+    best = load(Path(folder) / "best.pt", model=spare)
     kept = best.state_dict()
     same = all(torch.equal(kept[k], v) for k, v in run.best_state.items())
     if not same:
@@ -270,6 +275,8 @@ def run_cnf(name, recipe, data, args, val, test, folder) -> Run:
         for k, v in options.items()
         if isinstance(v, (int, float, str, type(None))) and k != "checkpoint_dir"
     }
+    if flow_matching:
+        run.result["options"]["objective"] = repr(options["objective"])
     run.result["error"] = error
     return run
 
@@ -464,6 +471,11 @@ def main() -> None:
         help="smoke run: 3 s per model, 3 validations, 300 val/test rows, no files unless --out",
     )
     parser.add_argument("--out", help="markdown table (default docs/bench_tabular.md; + .json)")
+    parser.add_argument(
+        "--append",
+        action="store_true",
+        help="keep the other models' rows of --out's JSON (an earlier run, same settings)",
+    )
     args = parser.parse_args()
     args.cnf_fit = fit_changes(parser, args.cnf_fit)
     args.budget = args.budget or (3.0 if args.quick else 120.0)
@@ -471,9 +483,9 @@ def main() -> None:
     args.rows = args.rows or (300 if args.quick else None)
     out = args.out or (None if args.quick else "docs/bench_tabular.md")
     torch.set_num_threads(args.threads)
-    if zuko is None and set(args.models) - {"cnf"}:
+    if zuko is None and set(args.models) - {"cnf", "cnf-fm"}:
         print("zuko is not installed: only cnf runs (pip install -e '.[bench]')")
-        args.models = ["cnf"]
+        args.models = [m for m in args.models if m.startswith("cnf")]
 
     results, truth, notes = [], {}, []
     for name in args.sets:
@@ -488,9 +500,10 @@ def main() -> None:
             )
         print(notes[-1][2:])
         for model in args.models:
-            if model == "cnf":
+            if model in ("cnf", "cnf-fm"):
                 with tempfile.TemporaryDirectory() as folder:
-                    run = run_cnf(name, recipe, data, args, val, test, folder)
+                    fm = model == "cnf-fm"
+                    run = run_cnf(name, recipe, data, args, val, test, folder, flow_matching=fm)
             else:
                 run = run_zuko(name, model, recipe, data, args, val, test)
             results.append(run.result)
@@ -531,12 +544,23 @@ def main() -> None:
         *notes,
         "",
     ]
+    if args.append and out and Path(out).with_suffix(".json").is_file():
+        # runs of other models kept from the earlier run of this script (same settings)
+        earlier = json.loads(Path(out).with_suffix(".json").read_text())
+        ran = {(r["set"], r["model"]) for r in results}
+        kept = [r for r in earlier["runs"] if (r["set"], r["model"]) not in ran]
+        results = sorted(
+            kept + results, key=lambda r: (SETS.index(r["set"]), MODELS.index(r["model"]))
+        )
+        truth = {**earlier["truth"], **truth}
+        head[2] += " (rows of other models from `" + earlier.get("command", "an earlier run") + "`)"
     lines = table(results, truth, args.marks)
     print("\n" + "\n".join(lines))
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
         Path(out).write_text("\n".join(head + lines) + "\n")
         raw = {
+            "command": " ".join(["python scripts/bench_tabular.py", *sys.argv[1:]]),
             "machine": machine,
             "settings": {k: v for k, v in vars(args).items()},
             "truth": truth,

@@ -176,3 +176,15 @@ def test_real_tables_that_install_offline_train_and_evaluate(tmp_path, capsys, n
     assert (out / "pairs.png").read_bytes().startswith(b"\x89PNG")
     assert main(["eval", "--checkpoint", str(out / "best.pt"), "--n", "100"]) == 0
     assert "test NLL" in capsys.readouterr().out
+
+
+def test_a_file_trains_by_flow_matching_too(tmp_path, capsys):
+    """The standardization is a data-side step before the blocks: flow matching trains the
+    blocks on standardized rows, and the exact likelihood stays in the data's units."""
+    _write_csv(tmp_path / "m.csv", extra_text_column=False)
+    assert _train(tmp_path, "--objective", "flow-matching") == 0
+    assert "by flow matching on m (" in capsys.readouterr().out
+    state = load_checkpoint(tmp_path / "run" / "best.pt")
+    assert state["stage"] == "flow-matching" and state["spec"]["train_T"] is False
+    assert main(["eval", "--checkpoint", str(tmp_path / "run" / "best.pt")]) == 0
+    assert "(per row, in the data's units)" in capsys.readouterr().out

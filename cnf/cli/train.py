@@ -234,10 +234,12 @@ def _report_training(recipe, data, history, seconds, out, device, tol, draws) ->
     test_tol = min(tol, recipe.evaluation.tol)
     test = recipe.score(model, data.part("test"), tol=test_tol, draws=draws)
     validation = metric_value(metric, history.eval_nll[best], 3)
-    print(
+    line = (
         f"done in {seconds:.0f} s; best validation {validation} "
         f"at iteration {history.eval_iteration[best]}; its test {metric_value(metric, test, 3)} "
-        f"(tol {test_tol:g})",
-        flush=True,
+        f"(tol {test_tol:g})"
     )
+    if data.entropy is not None:
+        line += f"; entropy {data.entropy:.3f}, gap {test - data.entropy:.3f}"
+    print(line, flush=True)
     return out / "best.pt"
