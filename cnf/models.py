@@ -31,6 +31,7 @@ __all__ = [
     "settings_of",
     "tabular_spec",
     "toy_spec",
+    "trace_reason",
 ]
 
 IMAGE_MODELS = ("digits", "mnist", "cifar10")
@@ -90,6 +91,15 @@ def exact_trace_affordable(dim: int, hidden) -> bool:
     and up to D = 4.
     """
     return len(tuple(hidden)) <= 2 or int(dim) <= 4
+
+
+def trace_reason(dim: int, hidden) -> str:
+    """Why ``trace="auto"`` chose what it chose for a field of ``hidden`` layers on ``dim``
+    columns (:func:`exact_trace_affordable`), in a few words for messages."""
+    layers = len(tuple(hidden))
+    if exact_trace_affordable(dim, hidden):
+        return f"the analytic trace of {layers} layers costs no more than Hutchinson's"
+    return f"an exact trace of {layers} layers costs a D x D product per row at D = {dim}"
 
 
 def toy_spec(**changes: Any) -> dict[str, Any]:

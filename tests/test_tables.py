@@ -10,7 +10,13 @@ import torch
 
 from cnf import recipes
 from cnf.data import TabularData, load_file, read_table, split_rows
-from cnf.models import build, exact_trace_affordable, fit_standardization, tabular_spec
+from cnf.models import (
+    build,
+    exact_trace_affordable,
+    fit_standardization,
+    tabular_spec,
+    trace_reason,
+)
 
 pytestmark = pytest.mark.deadline(60)
 
@@ -171,6 +177,8 @@ def test_the_exact_trace_is_the_default_where_it_is_affordable():
     assert tabular_spec(5, hidden_factor=20, layers=3)["hidden"] == [100, 100, 100]
     with pytest.raises(ValueError, match="dim must be an int >= 1"):
         tabular_spec(0)
+    assert "costs no more than Hutchinson's" in trace_reason(63, [64, 64])
+    assert "D x D product per row at D = 21" in trace_reason(21, [64, 64, 64])
 
 
 def test_log_prob_in_data_units_is_the_standardized_models_plus_the_affine_logdet():

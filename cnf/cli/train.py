@@ -177,13 +177,16 @@ def _kept(recipe, folder: Path) -> Path:
 
 def _train_stage(recipe, args, model, stage: str, folder: Path, run: dict, last: bool) -> None:
     """Train ``model`` for one stage into ``folder``; the last stage reports and draws."""
-    from ..models import settings_of
+    from ..models import settings_of, trace_reason
     from ..training import fit
 
     options = _stage_options(recipe, stage, args, folder, run)
     data, tol = run["data"], run["tol"]
     how = STAGE_WORDS[stage]
     trace = settings_of(run["extra"]["spec"])["trace"]
+    if recipe.model.get("trace") == "auto" and args.trace is None:  # the recipe decided: why
+        spec = run["extra"]["spec"]
+        trace += f" ({trace_reason(spec['dim'], spec['hidden'])})"
     name = getattr(data, "name", recipe.name)
     print(
         f"training a CNF ({recipe.architecture}){how} on {name} ({data.describe()}): "
