@@ -178,11 +178,16 @@ class ConcatSquashLinear(nn.Module):
 
     with :math:`W` of shape ``(out_features, in_features)`` and :math:`b, a, c, d` of shape
     ``(out_features,)``: ``linear`` holds ``W, b``, ``hyper_gate`` holds ``a, c`` and
-    ``hyper_bias`` holds ``d``.
+    ``hyper_bias`` holds ``d``. With ``context_features = C > 0`` the hypernets read the time
+    and a context vector together, :math:`h = [t, c]` (``a`` and ``d`` of shape
+    ``(out_features, 1 + C)``): :math:`\sigma(A h + c_0)` and :math:`D h` differ per sample.
+    This layer's :meth:`forward` is time-only; :class:`ConcatSquashMLP` applies the context.
 
     Args:
         in_features: size of the input's last dimension.
         out_features: size of the output's last dimension.
+        context_features: size ``C`` of the context (0: an unconditional layer).
+        gate_context: whether the gate reads the context too (else only the shift does).
 
     Example:
         >>> layer = ConcatSquashLinear(2, 8)
@@ -194,11 +199,20 @@ class ConcatSquashLinear(nn.Module):
 
     per_sample_time = True
 
-    def __init__(self, in_features: int, out_features: int) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        context_features: int = 0,
+        *,
+        gate_context: bool = True,
+    ) -> None:
         super().__init__()
+        hyper = 1 + int(context_features)  # the hypernets read [t, c]
+        self.context_features = int(context_features)
         self.linear = nn.Linear(in_features, out_features)
-        self.hyper_gate = nn.Linear(1, out_features)
-        self.hyper_bias = nn.Linear(1, out_features, bias=False)
+        self.hyper_gate = nn.Linear(hyper if gate_context else 1, out_features)
+        self.hyper_bias = nn.Linear(hyper, out_features, bias=False)
 
     def gate(self, t: Tensor) -> Tensor:
         r"""The gate :math:`\sigma(a\,t + c)`: shape ``(n, out_features)`` for t of shape (n, 1)."""
@@ -286,15 +300,25 @@ class ConcatSquashMLP(nn.Module):
         hidden: Sequence[int] = (64, 64, 64),
         activation: str = "tanh",
         *,
+        context_features: int = 0,
         zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         (dim,) = _check_sizes("dim", (dim,))
         hidden = _check_sizes("hidden", hidden)
+        if isinstance(context_features, bool) or not isinstance(context_features, int):
+            raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
+        if context_features < 0:
+            raise ValueError(f"context_features must be an int >= 0, got {context_features}")
         sizes = (dim, *hidden, dim)
-        self.dim = dim
+        self.dim, self.context_features = dim, context_features
         self._out_sizes = sizes[1:]  # of the layers, for splitting their concatenated gates
-        self.layers = nn.ModuleList(ConcatSquashLinear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        # the output layer's gate reads the time only: one gate for the whole batch folds into
+        # its weight, which keeps the analytic trace as cheap as without a context
+        self.layers = nn.ModuleList(
+            ConcatSquashLinear(a, b, context_features, gate_context=k < len(hidden))
+            for k, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))
+        )
         self.activations = nn.ModuleList(_make_activation(activation) for _ in hidden)
         if zero_init_last:
             _zero_last(self.layers[-1])
@@ -303,6 +327,60 @@ class ConcatSquashMLP(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (batch, {self.dim}), got {tuple(z.shape)}")
 
+    def _context(self, context: Tensor | None, z: Tensor) -> Tensor | None:
+        """The context as ``(batch, C)`` in ``z``'s dtype (one row broadcast to every sample);
+        None for an unconditional field, which refuses a context."""
+        size = self.context_features
+        if size == 0:
+            _no_context(self, context)
+            return None
+        if context is None:
+            raise ValueError(
+                f"{type(self).__name__} was built with context_features={size}: pass a context "
+                f"of shape (batch, {size}) (or ({size},) for every sample)"
+            )
+        c = torch.as_tensor(context)
+        c = c[None] if c.dim() == 1 else c
+        if not c.is_floating_point():
+            raise ValueError(f"the context must be real numbers (embed labels first): {c.dtype}")
+        if c.dim() != 2 or c.shape[1] != size or c.shape[0] not in (1, z.shape[0]):
+            raise ValueError(
+                f"the context must have shape ({z.shape[0]}, {size}) or ({size},) for a state of "
+                f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
+            )
+        return c.to(dtype=z.dtype).expand(z.shape[0], size)
+
+    def _conditional_terms(self, t: Tensor, c: Tensor):
+        r"""Per-sample gates and biases of the hidden layers, and the output layer's, from
+        :math:`h = [t, c]`: hidden :math:`g_k = \sigma(A_k h + c_k)`, :math:`b'_k = g_k \odot b_k
+        + D_k h`; output gate :math:`\sigma(a t + c_0)` (time only), bias as the hidden ones."""
+        h = torch.cat([t.expand(c.shape[0], 1), c], dim=1)  # (batch, 1 + C)
+        w, b, a, c0, d = zip(*(layer._terms() for layer in self.layers[:-1]))
+        gate = torch.sigmoid(torch.addmm(torch.cat(c0), h, torch.cat(a).T))  # (batch, H)
+        bias = torch.addcmul(h @ torch.cat(d).T, gate, torch.cat(b))
+        sizes = self._out_sizes[:-1]
+        _, b_out, a_out, c_out, d_out = self.layers[-1]._terms()
+        gate_out = torch.sigmoid(torch.addmm(c_out, h[:, :1], a_out.T))  # (batch, D)
+        bias_out = torch.addcmul(h @ d_out.T, gate_out, b_out)
+        return gate.split_with_sizes(sizes, 1), bias.split_with_sizes(sizes, 1), gate_out, bias_out
+
+    def _forward_conditional(self, t: Tensor, z: Tensor, c: Tensor, slopes: list | None = None):
+        r"""``f(t, c, z)``; with ``slopes`` a list, also the gated activation slopes
+        :math:`s'(u_k) \odot g_k` of the hidden layers (the per-sample diagonals of the
+        Jacobian's chain) and the output gate are appended to it."""
+        gates, biases, gate_out, bias_out = self._conditional_terms(t, c)
+        x = z
+        for layer, g, bk, act in zip(self.layers, gates, biases, self.activations):
+            u = torch.addcmul(bk, x @ layer.linear.weight.T, g)
+            if slopes is None:
+                x = act(u)
+            else:
+                x, ds = act.value_and_derivative(u)
+                slopes.append(ds * g)
+        if slopes is not None:
+            slopes.append(gate_out)
+        return torch.addcmul(bias_out, x @ self.layers[-1].linear.weight.T, gate_out)
+
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate ``dz/dt = f(t, z)``.
 
@@ -310,14 +388,17 @@ class ConcatSquashMLP(nn.Module):
             t: scalar time (0-dim tensor, float or one element), or one time per sample of
                 shape ``(batch,)`` (``z[i]`` at time ``t[i]``).
             z: state of shape ``(batch, dim)``.
-            context: must be None (the context slot of conditional fields).
+            context: ``(batch, C)`` (or ``(C,)``, the same for every sample) for a field built
+                with ``context_features = C``; None otherwise.
 
         Returns:
             ``dz/dt`` of shape ``(batch, dim)``.
         """
-        _no_context(self, context)
         self._check(z)
+        c = self._context(context, z)
         t = _times(t, z)
+        if c is not None:
+            return self._forward_conditional(t, z, c)
         if t.shape[0] != 1:
             return self._forward_per_sample(t, z)
         weights, biases = self._affine_maps(t.reshape(1))
@@ -408,20 +489,33 @@ class ConcatSquashMLP(nn.Module):
             t: scalar time (0-dim tensor or float); unlike :meth:`forward`, not one per sample
                 (a ``ValueError``).
             z: state of shape ``(batch, dim)``.
-            context: must be None, as for :meth:`forward`.
+            context: as for :meth:`forward`.
 
         Returns:
             ``(f, div)``: ``f = dz/dt`` of shape ``(batch, dim)`` and
             :math:`\operatorname{tr}(\partial f / \partial z)` of shape ``(batch,)``.
         """
-        _no_context(self, context)
         self._check(z)
+        c = self._context(context, z)
+        if c is not None:
+            return self._conditional_with_divergence(_time(t, z), z, c)
         weights, biases = self._affine_maps(_time(t, z).reshape(1))
         x, slopes = z, []  # slopes: s'(u_k), shape (batch, h_k), the diagonals of S_k
         for v, b, act in zip(weights, biases, self.activations):
             x, ds = act.value_and_derivative(torch.addmm(b, x, v))
             slopes.append(ds)
         return torch.addmm(biases[-1], x, weights[-1]), _trace_of_chain(weights, slopes)
+
+    def _conditional_with_divergence(self, t: Tensor, z: Tensor, c: Tensor):
+        r"""``(f, div)`` with a context: the hidden layers' per-sample gates join the slopes,
+        :math:`S_k G_k`, and the output gate, one for the batch (it reads the time only),
+        folds into the last weight, so the trace is the same chain as without a context."""
+        slopes: list[Tensor] = []
+        f = self._forward_conditional(t, z, c, slopes)
+        gate_out = slopes.pop()[0]  # every row's: the time is one scalar here
+        weights = [layer.linear.weight.T for layer in self.layers[:-1]]
+        weights.append(self.layers[-1].linear.weight.T * gate_out)
+        return f, _trace_of_chain(weights, slopes)
 
 
 def _trace_of_chain(
