@@ -350,25 +350,23 @@ class ConcatSquashMLP(nn.Module):
             )
         return c.to(dtype=z.dtype).expand(z.shape[0], size)
 
-    def _conditional_terms(self, t: Tensor, c: Tensor):
-        r"""Per-sample gates and biases of the hidden layers, and the output layer's, from
-        :math:`h = [t, c]`: hidden :math:`g_k = \sigma(A_k h + c_k)`, :math:`b'_k = g_k \odot b_k
-        + D_k h`; output gate :math:`\sigma(a t + c_0)` (time only), bias as the hidden ones."""
-        h = torch.cat([t.expand(c.shape[0], 1), c], dim=1)  # (batch, 1 + C)
-        w, b, a, c0, d = zip(*(layer._terms() for layer in self.layers[:-1]))
-        gate = torch.sigmoid(torch.addmm(torch.cat(c0), h, torch.cat(a).T))  # (batch, H)
-        bias = torch.addcmul(h @ torch.cat(d).T, gate, torch.cat(b))
-        sizes = self._out_sizes[:-1]
-        _, b_out, a_out, c_out, d_out = self.layers[-1]._terms()
-        gate_out = torch.sigmoid(torch.addmm(c_out, h[:, :1], a_out.T))  # (batch, D)
-        bias_out = torch.addcmul(h @ d_out.T, gate_out, b_out)
-        return gate.split_with_sizes(sizes, 1), bias.split_with_sizes(sizes, 1), gate_out, bias_out
+    def _per_sample_terms(self, layers, h_gate: Tensor, h_bias: Tensor):
+        r"""The per-sample gates :math:`g_{k,i} = \sigma(a_k h^{gate}_i + c_k)` and biases
+        :math:`b'_{k,i} = g_{k,i} \odot b_k + d_k h^{bias}_i` of ``layers``, computed together
+        (a few larger operations make a smaller autograd graph than many small ones) and split
+        per layer, each ``(batch, out_k)``; the hypernet inputs are ``(batch, 1)`` times, or
+        ``(batch, 1 + C)`` times and contexts."""
+        _, b, a, c, d = zip(*(layer._terms() for layer in layers))
+        gate = torch.sigmoid(torch.addmm(torch.cat(c), h_gate, torch.cat(a).T))  # (batch, H)
+        bias = torch.addcmul(h_bias @ torch.cat(d).T, gate, torch.cat(b))
+        sizes = [layer.linear.out_features for layer in layers]
+        return gate.split_with_sizes(sizes, dim=1), bias.split_with_sizes(sizes, dim=1)
 
-    def _forward_conditional(self, t: Tensor, z: Tensor, c: Tensor, slopes: list | None = None):
-        r"""``f(t, c, z)``; with ``slopes`` a list, also the gated activation slopes
+    def _per_sample_chain(self, z: Tensor, gates, biases, slopes: list | None = None) -> Tensor:
+        r"""The network with per-sample gates and biases, :math:`L_k(x_i) = (x_i W_k^\top)
+        \odot g_{k,i} + b'_{k,i}`; with ``slopes`` a list, the gated activation slopes
         :math:`s'(u_k) \odot g_k` of the hidden layers (the per-sample diagonals of the
-        Jacobian's chain) and the output gate are appended to it."""
-        gates, biases, gate_out, bias_out = self._conditional_terms(t, c)
+        Jacobian's chain) are appended to it."""
         x = z
         for layer, g, bk, act in zip(self.layers, gates, biases, self.activations):
             u = torch.addcmul(bk, x @ layer.linear.weight.T, g)
@@ -377,9 +375,15 @@ class ConcatSquashMLP(nn.Module):
             else:
                 x, ds = act.value_and_derivative(u)
                 slopes.append(ds * g)
-        if slopes is not None:
-            slopes.append(gate_out)
-        return torch.addcmul(bias_out, x @ self.layers[-1].linear.weight.T, gate_out)
+        return torch.addcmul(biases[-1], x @ self.layers[-1].linear.weight.T, gates[-1])
+
+    def _conditional_terms(self, t: Tensor, c: Tensor):
+        r"""Per-sample gates and biases of every layer from :math:`h = [t, c]`: the hidden
+        layers' gates and every layer's bias read ``h``; the output gate reads ``t`` only."""
+        h = torch.cat([t.expand(c.shape[0], 1), c], dim=1)  # (batch, 1 + C)
+        gates, biases = self._per_sample_terms(self.layers[:-1], h, h)
+        gate_out, bias_out = self._per_sample_terms(self.layers[-1:], h[:, :1], h)
+        return (*gates, *gate_out), (*biases, *bias_out)
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
         """Evaluate ``dz/dt = f(t, z)``.
@@ -398,7 +402,7 @@ class ConcatSquashMLP(nn.Module):
         c = self._context(context, z)
         t = _times(t, z)
         if c is not None:
-            return self._forward_conditional(t, z, c)
+            return self._per_sample_chain(z, *self._conditional_terms(t, c))
         if t.shape[0] != 1:
             return self._forward_per_sample(t, z)
         weights, biases = self._affine_maps(t.reshape(1))
@@ -415,15 +419,7 @@ class ConcatSquashMLP(nn.Module):
         :math:`g_{k,i} = \sigma(a_k t_i + c_k)` and biases :math:`b'_{k,i} = g_{k,i} \odot b_k
         + d_k t_i` of all layers computed together, shape ``(batch, H)``.
         """
-        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
-        gate = torch.sigmoid(torch.addmm(torch.cat(c), t, torch.cat(a).T))  # (batch, H)
-        bias = torch.addcmul(t * torch.cat(d).T, gate, torch.cat(b))
-        gates = gate.split_with_sizes(self._out_sizes, dim=1)
-        biases = bias.split_with_sizes(self._out_sizes, dim=1)
-        x = z
-        for wk, g, bk, act in zip(w, gates, biases, self.activations):
-            x = act(torch.addcmul(bk, x @ wk.T, g))
-        return torch.addcmul(biases[-1], x @ w[-1].T, gates[-1])
+        return self._per_sample_chain(z, *self._per_sample_terms(self.layers, t, t))
 
     def _affine_maps(self, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         r"""Every layer at time ``t`` as a plain affine map: :math:`L_k(t, x) = x V_k + b'_k`.
@@ -510,11 +506,11 @@ class ConcatSquashMLP(nn.Module):
         r"""``(f, div)`` with a context: the hidden layers' per-sample gates join the slopes,
         :math:`S_k G_k`, and the output gate, one for the batch (it reads the time only),
         folds into the last weight, so the trace is the same chain as without a context."""
+        gates, biases = self._conditional_terms(t, c)
         slopes: list[Tensor] = []
-        f = self._forward_conditional(t, z, c, slopes)
-        gate_out = slopes.pop()[0]  # every row's: the time is one scalar here
+        f = self._per_sample_chain(z, gates, biases, slopes)
         weights = [layer.linear.weight.T for layer in self.layers[:-1]]
-        weights.append(self.layers[-1].linear.weight.T * gate_out)
+        weights.append(self.layers[-1].linear.weight.T * gates[-1][0])  # the time is one scalar
         return f, _trace_of_chain(weights, slopes)
 
 
