@@ -256,12 +256,19 @@ class Recipe:
             cnf.training.fit(model, data.sampler(), **recipe.fit_options(),
                              **recipe.validation(data.part("val")), checkpoint_dir="runs/mine")
         """
-        from .models import build, fit_standardization
+        from .models import build
 
         if self.kind == "tabular":
             settings["dim"] = data.dim
         make = self.flow_matching_spec if flow_matching else self.spec
-        model = build(make(**settings))
+        return self.fit_data_steps(build(make(**settings)), data)
+
+    def fit_data_steps(self, model: nn.Module, data) -> nn.Module:
+        """``model`` with its data-dependent steps fitted to ``data``'s training part: a
+        table's Standardize step (:func:`cnf.models.fit_standardization`, the columns named in
+        its errors); other kinds have none. Returns ``model``."""
+        from .models import fit_standardization
+
         if self.kind == "tabular":
             fit_standardization(model, data.part("train"), names=data.columns)
         return model

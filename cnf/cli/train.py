@@ -130,7 +130,7 @@ def _stage_options(recipe, stage: str, args, folder: Path, run: dict) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``cnf train``: train the recipe the flags pick, with their values, stage by stage."""
-    from ..models import build, fit_standardization
+    from ..models import build
     from ..training.checkpoint import check_folder
 
     if args.threads:
@@ -146,10 +146,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     seeds = [settings["seed"] for settings in kept.values() if "seed" in settings]
     seed = args.seed if args.seed is not None else (seeds[0] if seeds else 0)
     torch.manual_seed(seed)
-    model = build(spec).to(device)
+    model = recipe.fit_data_steps(build(spec), data).to(device)  # a table: densities in its units
     extra = {"spec": spec, "data": recipe.name, "recipe": record.to_dict()}
-    if recipe.kind == "tabular":  # densities in the data's units; the names label samples
-        fit_standardization(model, data.part("train"), names=data.columns)
+    if recipe.kind == "tabular":  # the names label samples
         extra["columns"] = list(data.columns)
     val = data.part("val", seed=seed + 1, n=args.eval_n)
     tol = _spec_tol(spec)
