@@ -51,6 +51,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .optional import sklearn_datasets
 from .tables import PARTS, TabularData, split_rows
 
 __all__ = [
@@ -77,18 +78,6 @@ PATCH_SIZES = (40_000, 4_000, 10_000)
 SYNTHETIC_SIZES = (20_000, 2_000, 10_000)
 
 
-def _sklearn_datasets(what: str):
-    """``sklearn.datasets``, imported only when a set that needs it is loaded."""
-    try:
-        import sklearn.datasets
-    except ImportError as err:
-        raise ImportError(
-            f"the {what} data set comes with scikit-learn, which is not installed: "
-            "pip install scikit-learn (or pip install -e '.[images]' in a checkout of cnf)"
-        ) from err
-    return sklearn.datasets
-
-
 def _check_sizes(n: Sequence[int], what: str) -> tuple[int, int, int]:
     sizes = tuple(int(k) for k in n)
     if len(sizes) != 3 or min(sizes) < 1 or sizes[0] < 2:
@@ -109,7 +98,7 @@ def _grey_photographs() -> tuple[np.ndarray, ...]:
     In scikit-learn's order (``china.jpg``, ``flower.jpg``); read-only, because they are cached
     (reading the JPEGs is the slow part of :func:`load_patches`).
     """
-    datasets = _sklearn_datasets("patches")
+    datasets = sklearn_datasets("patches")
     try:
         photographs = datasets.load_sample_images().images
     except ImportError as err:  # scikit-learn reads the JPEGs with pillow
@@ -256,7 +245,7 @@ def load_breast_cancer(seed: int = 0) -> TabularData:
     Raises:
         ImportError: scikit-learn is not installed.
     """
-    bunch = _sklearn_datasets("breast-cancer").load_breast_cancer()
+    bunch = sklearn_datasets("breast-cancer").load_breast_cancer()
     rows = np.asarray(bunch.data, dtype=np.float64)
     index = split_rows(len(rows), int(seed))
     return TabularData(

@@ -40,6 +40,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .optional import sklearn_datasets
+
 __all__ = ["IMAGE_NAMES", "ImageData", "load_cifar10", "load_digits", "load_images", "load_mnist"]
 
 IMAGE_NAMES: tuple[str, ...] = ("digits", "mnist", "cifar10")
@@ -165,15 +167,7 @@ def load_digits(split: str = "train", *, seed: int = 0) -> ImageData:
     """
     _check_split(split, [*_DIGITS_SPLITS, "all"])
     _check_seed(seed)
-    try:
-        from sklearn.datasets import load_digits as sklearn_load_digits
-    except ImportError as err:
-        raise ImportError(
-            "the digits data set comes with scikit-learn, which is not installed: "
-            "pip install scikit-learn (or pip install -e '.[images]' in a checkout of cnf)"
-        ) from err
-
-    bunch = sklearn_load_digits()
+    bunch = sklearn_datasets("digits").load_digits()
     images = np.asarray(bunch.images)
     if images.shape != (_DIGITS_COUNT, 8, 8) or images.min() < 0 or images.max() > 16:
         raise ValueError(
