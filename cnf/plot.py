@@ -94,19 +94,7 @@ def _as_points(x, name: str) -> np.ndarray:
             f"{name} must be points of shape (m, 2), got the string {x!r}; for a toy data set "
             f"pass cnf.data.sample(name, m, seed) (or cnf.data.density(name) to plot_density)"
         )
-    if isinstance(x, Tensor):
-        x = x.detach().cpu().double().numpy()
-    try:
-        x = np.asarray(x, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be an array of points of shape (m, 2): {err}") from None
-    if x.ndim != 2 or x.shape[1] != 2 or x.shape[0] < 1:
-        raise ValueError(
-            f"{name} must have shape (m, 2), one 2-D point per row with m >= 1, got shape {x.shape}"
-        )
-    if not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or Inf; drop those rows before plotting")
-    return x
+    return _as_rows(x, name, width=2)
 
 
 def _dtype_device(model: Flow) -> tuple[torch.dtype, torch.device]:
@@ -776,19 +764,23 @@ _SCATTER_BELOW = 2000  # kind="auto": fewer points than this are scattered, more
 _COLORS = {"data": ("C0", "Blues"), "model": ("C1", "Oranges")}  # line colour, colormap
 
 
-def _as_rows(x, name: str) -> np.ndarray:
-    """``x`` (tensor or array-like) as a float64 numpy array of shape ``(m, D)``, checked."""
+def _as_rows(x, name: str, width: int | None = None) -> np.ndarray:
+    """``x`` (tensor or array-like) as a float64 numpy array of shape ``(m, D)``, checked
+    (``D == width`` where given)."""
+    shape = "(m, D)" if width is None else f"(m, {width})"
     if isinstance(x, Tensor):
         x = x.detach().cpu().double().numpy()
     try:
         x = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{name} must be an array of rows of shape (m, D): {err}") from None
-    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1:
-        raise ValueError(
-            f"{name} must have shape (m, D), one row per point with m >= 1 and D >= 1, "
-            f"got shape {x.shape}"
-        )
+        what = "rows" if width is None else "points"
+        raise ValueError(f"{name} must be an array of {what} of shape {shape}: {err}") from None
+    wrong_width = width is not None and x.ndim == 2 and x.shape[1] != width
+    if x.ndim != 2 or x.shape[0] < 1 or x.shape[1] < 1 or wrong_width:
+        rows = "one row per point with m >= 1 and D >= 1"
+        if width is not None:
+            rows = f"one {width}-D point per row with m >= 1"
+        raise ValueError(f"{name} must have shape {shape}, {rows}, got shape {x.shape}")
     bad = ~np.isfinite(x)
     if bad.any():
         row, col = np.argwhere(bad)[0]
