@@ -29,6 +29,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .context import with_context
 from .ode import solve
 from .ode._problem import positive
 from .settings import Call, SolverSettings, check_choice
@@ -36,32 +37,6 @@ from .trace import divergence, sample_noise
 from .transforms.core import FlowOutput, Transform, check_event_shape, check_points
 
 __all__ = ["CNFTransform", "JointODE", "trajectory_times", "with_context"]
-
-
-def with_context(field: nn.Module, context: Tensor | None):
-    """``field`` itself without a context; else a callable ``(t, z) -> field(t, z, context)``.
-
-    The callable keeps the field's analytic trace (``forward_with_divergence``) when it has one.
-    """
-    if context is None:
-        return field
-    return _Bound(field, context)
-
-
-class _Bound(nn.Module):
-    """A field with its context filled in, for solvers and trace estimators that know ``(t, z)``."""
-
-    def __init__(self, field: nn.Module, context: Tensor):
-        super().__init__()
-        self.field, self.context = field, context
-        if callable(getattr(field, "forward_with_divergence", None)):
-            self.forward_with_divergence = self._with_divergence
-
-    def forward(self, t: Tensor, z: Tensor) -> Tensor:
-        return self.field(t, z, self.context)
-
-    def _with_divergence(self, t: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self.field.forward_with_divergence(t, z, self.context)
 
 
 class JointODE(nn.Module):
@@ -212,9 +187,11 @@ class CNFTransform(Transform):
             rtol, atol = s.tolerances(regularizers)
         if s.adjoint is None:
             return solve(rhs, state, t, method=s.method, rtol=rtol, atol=atol, options=s.options)
-        params = tuple(p for p in self.field.parameters() if p.requires_grad)
-        if call.context is not None and call.context.requires_grad:
-            params += (call.context,)  # the adjoint's gradients must reach the context too
+        params = tuple(p for p in field.parameters() if p.requires_grad)
+        # the tensor the field reads (embedded, if the field embeds): the adjoint differentiates it
+        context = getattr(field, "context", None) if call.context is not None else None
+        if context is not None and context.requires_grad:
+            params += (context,)
         return solve(
             rhs, state, t, method=s.method, rtol=rtol, atol=atol, options=s.options,
             adjoint=s.adjoint, adjoint_params=params,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from .context import conditional_field
 from .continuous import CNFTransform
 from .fields import ConcatSquashMLP
 from .flow import Flow
@@ -47,6 +48,9 @@ class DenseImageCNF(Flow):
             logit transform.
         T, train_T: every block's integration time, learned by default.
         zero_init_last: start every field at zero (the model starts as the logit transform).
+        context: a class-conditional (or otherwise conditional) model: the keywords of
+            :class:`cnf.context.ContextEmbedding` (e.g. ``{"classes": 10}``), one embedding per
+            block; call it with ``context=`` (e.g. labels). None: unconditional.
         **settings: every block's :class:`~cnf.settings.SolverSettings` (default here:
             ``trace="hutchinson"``); all can be overridden per call, e.g.
             ``log_prob(x, trace="exact")``.
@@ -68,6 +72,7 @@ class DenseImageCNF(Flow):
         T: float = 1.0,
         train_T: bool = True,
         zero_init_last: bool = False,
+        context: dict | None = None,
         **settings,
     ):
         shape = image_shape(event_shape)
@@ -78,7 +83,12 @@ class DenseImageCNF(Flow):
         steps = [] if alpha is None else [LogitTransform(shape, alpha)]
         steps.append(Reshape(shape, (dim,)))
         for _ in range(blocks):
-            field = ConcatSquashMLP(dim, hidden, activation, zero_init_last=zero_init_last)
+            field = conditional_field(
+                lambda c: ConcatSquashMLP(
+                    dim, hidden, activation, context_features=c, zero_init_last=zero_init_last
+                ),
+                context,
+            )
             steps.append(CNFTransform(field, (dim,), T=T, train_T=train_T, settings=solver))
         steps.append(Reshape((dim,), shape))
         super().__init__(Compose(steps))

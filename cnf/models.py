@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from .context import ContextEmbedding, conditional_field, context_spec
 from .fields import ACTIVATIONS, ConcatSquashMLP
 from .flow import CNF, Flow, SequentialFlow
 from .transforms import Standardize
@@ -54,9 +55,12 @@ TOY_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
         "rtol": 1e-4,
         "atol": 1e-4,
         "dtype": "float32",
+        "context": None,
     }
 )
-"""The 2-D model of the main job: FFJORD's toy architecture (ConcatSquash 64-64-64, tanh)."""
+"""The 2-D model of the main job: FFJORD's toy architecture (ConcatSquash 64-64-64, tanh).
+``context`` makes it conditional: the keywords of :class:`cnf.context.ContextEmbedding`
+(:func:`cnf.context.context_spec`), e.g. ``{"inputs": 1, "hidden": [32]}``."""
 
 
 TABULAR_DEFAULTS: MappingProxyType[str, Any] = MappingProxyType(
@@ -156,6 +160,8 @@ def _vector_spec(defaults, changes: dict[str, Any]) -> dict[str, Any]:
         raise ValueError(f"unknown activation {spec['activation']!r}; choose one of {ACTIVATIONS}")
     if spec["dtype"] not in ("float32", "float64"):
         raise ValueError(f"dtype must be 'float32' or 'float64', got {spec['dtype']!r}")
+    if spec["context"] is not None:
+        spec["context"] = context_spec(**spec["context"])
     return spec
 
 
@@ -242,9 +248,12 @@ def _build(spec: dict[str, Any]) -> Flow:
             f"unknown model kind {kind!r}; this version builds 'toy2d', 'tabular' and 'image'"
         )
     dim = spec.get("dim", 2)
+    def make(c: int) -> ConcatSquashMLP:
+        return ConcatSquashMLP(dim, spec["hidden"], spec["activation"], context_features=c)
+
     blocks = [
         CNF(
-            ConcatSquashMLP(dim, hidden=spec["hidden"], activation=spec["activation"]),
+            conditional_field(make, spec["context"]),
             (dim,),
             T=spec["T"],
             train_T=spec["train_T"],
@@ -262,14 +271,18 @@ def _build(spec: dict[str, Any]) -> Flow:
     return model.to(getattr(torch, spec["dtype"]))
 
 
-def fit_standardization(model: Flow, x, names=None) -> Flow:
+def fit_standardization(model: Flow, x, names=None, context=None) -> Flow:
     """Set the :class:`~cnf.transforms.Standardize` steps of ``model`` to standardize ``x``
     ``(n, *event_shape)`` (the training part: its mean and standard deviation, see
-    :meth:`~cnf.transforms.Standardize.fit`); a model without one is returned unchanged.
-    ``names`` name the columns in the errors (a constant column)."""
+    :meth:`~cnf.transforms.Standardize.fit`), and the context embeddings' standardization to
+    the training ``context`` ``(n, C)`` when given (:meth:`cnf.context.ContextEmbedding.fit`);
+    a model without either is returned unchanged. ``names`` name the columns in the errors
+    (a constant column)."""
     for step in model.modules():
         if isinstance(step, Standardize):
             fitted = Standardize.fit(torch.as_tensor(x, dtype=torch.float64), names=names)
             step.mean.copy_(fitted.mean)
             step.scale.copy_(fitted.scale)
+        elif isinstance(step, ContextEmbedding) and context is not None:
+            step.fit(torch.as_tensor(context))
     return model

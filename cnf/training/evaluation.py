@@ -16,8 +16,16 @@ __all__ = ["evaluate_bits_per_dim", "evaluate_nll"]
 
 
 @torch.no_grad()
-def evaluate_nll(model: Flow, data: Tensor, *, batch_size: int = 1000, **solver) -> float:
-    r"""Mean negative log-likelihood of ``data``, :math:`-\frac1N \sum_n \log p(x_n)`, in nats.
+def evaluate_nll(
+    model: Flow,
+    data: Tensor,
+    *,
+    context: Tensor | None = None,
+    batch_size: int = 1000,
+    **solver,
+) -> float:
+    r"""Mean negative log-likelihood of ``data``, :math:`-\frac1N \sum_n \log p(x_n)`, in nats
+    (:math:`\log p(x_n \mid c_n)` with contexts).
 
     Computed in batches without gradients, with the exact trace unless ``solver`` says
     otherwise.
@@ -25,6 +33,7 @@ def evaluate_nll(model: Flow, data: Tensor, *, batch_size: int = 1000, **solver)
     Args:
         model: the flow.
         data: points ``(N, *event_shape)``.
+        context: the points' contexts ``(N, ...)`` for a conditional model; None otherwise.
         batch_size: points per solve (memory, not the result).
         **solver: overrides of the model's solver settings, e.g. ``rtol=1e-6``.
 
@@ -35,10 +44,13 @@ def evaluate_nll(model: Flow, data: Tensor, *, batch_size: int = 1000, **solver)
         ValueError: no points, or a batch size below 1.
     """
     _check_sizes(data.shape[0], batch_size, "data")
+    _check_context(context, data.shape[0])
     solver.setdefault("trace", "exact")
     total = 0.0
     for start in range(0, data.shape[0], batch_size):
-        total += -model.log_prob(data[start : start + batch_size], **solver).sum().item()
+        rows = slice(start, start + batch_size)
+        given = {} if context is None else {"context": context[rows]}
+        total += -model.log_prob(data[rows], **given, **solver).sum().item()
     return total / data.shape[0]
 
 
@@ -51,6 +63,7 @@ def evaluate_bits_per_dim(
     draws: int = 4,
     seed: int = 0,
     batch_size: int = 256,
+    context: Tensor | None = None,
     **solver,
 ) -> float:
     r"""Mean bits/dim of integer ``images``, averaged over dequantization draws.
@@ -66,6 +79,8 @@ def evaluate_bits_per_dim(
         draws: dequantizations per image.
         seed: seed of the dequantization noise.
         batch_size: images per solve.
+        context: the images' contexts ``(N, ...)`` (e.g. class labels ``(N,)``) for a
+            conditional model: bits/dim given the context.
         **solver: overrides of the model's solver settings (default here: the exact trace).
 
     Returns:
@@ -75,6 +90,7 @@ def evaluate_bits_per_dim(
         ValueError: no images, no draws, or a batch size below 1.
     """
     _check_sizes(len(images), batch_size, "images")
+    _check_context(context, len(images))
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"draws must be a positive int, got {draws!r}")
     solver.setdefault("trace", "exact")
@@ -84,11 +100,20 @@ def evaluate_bits_per_dim(
     for _ in range(draws):
         x = dequantize(images, levels, generator=gen).to(device=ref.device, dtype=ref.dtype)
         for start in range(0, len(x), batch_size):
-            chunk = x[start : start + batch_size]
-            lp = model.log_prob(chunk, **solver)
+            rows = slice(start, start + batch_size)
+            chunk = x[rows]
+            given = {} if context is None else {"context": context[rows]}
+            lp = model.log_prob(chunk, **given, **solver)
             total += bits_per_dim(lp, chunk.shape[1:], levels).sum().item()
             count += len(chunk)
     return total / count
+
+
+def _check_context(context: Tensor | None, n: int) -> None:
+    if context is not None and (context.dim() == 0 or context.shape[0] != n):
+        raise ValueError(
+            f"context must have one row per point ({n}), got shape {tuple(context.shape)}"
+        )
 
 
 def _check_sizes(n: int, batch_size: int, what: str) -> None:

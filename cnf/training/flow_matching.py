@@ -24,6 +24,12 @@ marginal velocity :math:`v^*(t, y) = E[u \mid x_t = y]`, whose flow carries the 
 data distribution; :math:`\log p` of the trained model is still the exact one of
 :meth:`cnf.Flow.log_prob`.
 
+A conditional flow learns the same way: each data point comes with its context :math:`c_b`, and
+the field reads it, :math:`L = \frac1B \sum_b \| v(t_b, x_{t_b}, c_b) - u_b \|^2`. Its
+minimiser is :math:`v^*(t, y, c) = E[u \mid x_t = y, c]`, whose flow carries the base to
+:math:`p(x \mid c)` for every :math:`c`. (Minibatch OT couplings would pair points across
+contexts and are refused with one.)
+
 Example:
     >>> from cnf.training import FlowMatching, fit  # doctest: +SKIP
     >>> flow = CNF(ConcatSquashMLP(2), (2,), T=1.0, train_T=False)  # doctest: +SKIP
@@ -197,36 +203,41 @@ def block_space(model: nn.Module, batch: Tensor) -> tuple[list[CNFTransform], Te
     return blocks, x
 
 
-def field_velocity(field: nn.Module, t: Tensor, x: Tensor) -> Tensor:
-    """``field(t_b, x_b)`` for every point, each at its own time.
+def field_velocity(field: nn.Module, t: Tensor, x: Tensor, context: Tensor | None = None) -> Tensor:
+    """``field(t_b, x_b)`` (``field(t_b, x_b, c_b)`` with a context) for every point, each at
+    its own time.
 
     A field whose class sets ``per_sample_time = True`` (the package's
     :class:`~cnf.fields.ConcatSquashMLP` and :class:`~cnf.fields.ConcatSquashConvNet`) takes the
     times ``(batch,)`` directly and is called once on the whole batch. Any other field is taken
-    to accept one scalar time only: ``torch.func.vmap`` over ``(t_b, x_b)`` pairs calls it on
+    to accept one scalar time only: ``torch.func.vmap`` over ``(t_b, x_b[, c_b])`` calls it on
     batches of one point, which works for fields built from batched torch operations but costs
     a weight-sized computation per point. A user field that evaluates ``t`` of shape
     ``(batch,)`` row by row can set the attribute too.
 
     Args:
-        field: ``field(t, z)`` with ``z`` of shape ``(n, *event_shape)`` and ``t`` a 0-dim
-            tensor, or of shape ``(n,)`` if the field has ``per_sample_time = True``.
+        field: ``field(t, z[, context])`` with ``z`` of shape ``(n, *event_shape)`` and ``t`` a
+            0-dim tensor, or of shape ``(n,)`` if the field has ``per_sample_time = True``.
         t: times, ``(batch,)``.
         x: points, ``(batch, *event_shape)``.
+        context: one context per point, ``(batch, ...)``; None for an unconditional field.
 
     Returns:
         velocities, ``(batch, *event_shape)``.
     """
+    given = () if context is None else (context,)
     if getattr(field, "per_sample_time", False) is True:
-        return field(t, x)
+        return field(t, x, *given)
 
-    def one(t_b: Tensor, x_b: Tensor) -> Tensor:
-        return field(t_b, x_b.unsqueeze(0)).squeeze(0)
+    def one(t_b: Tensor, x_b: Tensor, *c_b: Tensor) -> Tensor:
+        return field(t_b, x_b.unsqueeze(0), *(c.unsqueeze(0) for c in c_b)).squeeze(0)
 
-    return torch.func.vmap(one)(t, x)
+    return torch.func.vmap(one)(t, x, *given)
 
 
-def blockwise_velocity(blocks: list[CNFTransform], t: Tensor, x: Tensor) -> Tensor:
+def blockwise_velocity(
+    blocks: list[CNFTransform], t: Tensor, x: Tensor, context: Tensor | None = None
+) -> Tensor:
     r"""The velocity of CNF blocks sharing one time axis, at global times ``t`` in [0, 1].
 
     Block ``k`` of the generative order (``reversed(blocks)``: the last step of the
@@ -239,13 +250,14 @@ def blockwise_velocity(blocks: list[CNFTransform], t: Tensor, x: Tensor) -> Tens
         blocks: CNF blocks in the data-to-base order, with fixed ``T``.
         t: global times, ``(batch,)``.
         x: points in the blocks' space, ``(batch, *event_shape)``.
+        context: one context per point, ``(batch, ...)``, or None.
 
     Returns:
         velocities, ``(batch, *event_shape)``.
     """
     generative = list(reversed(blocks))
     if len(generative) == 1:
-        return field_velocity(generative[0].field, t, x)
+        return field_velocity(generative[0].field, t, x, context)
     spans = [b.T0 for b in generative]
     offsets = [sum(spans[:k]) for k in range(len(spans))]
     inner = torch.tensor(offsets[1:], dtype=t.dtype, device=t.device)
@@ -254,7 +266,9 @@ def blockwise_velocity(blocks: list[CNFTransform], t: Tensor, x: Tensor) -> Tens
     for k, block in enumerate(generative):
         mask = which == k
         if bool(mask.any()):
-            v = v.index_put((mask,), field_velocity(block.field, t[mask] - offsets[k], x[mask]))
+            c = None if context is None else context[mask]
+            u = field_velocity(block.field, t[mask] - offsets[k], x[mask], c)
+            v = v.index_put((mask,), u)
     return v
 
 
@@ -302,14 +316,25 @@ class FlowMatching:
             raise ValueError(f"ot_block must be a positive int, got {b!r}")
 
     def __call__(
-        self, model: nn.Module, batch: Tensor, generator: torch.Generator | None = None
+        self,
+        model: nn.Module,
+        batch: Tensor,
+        generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Metric]]:
-        """The loss :math:`L` of ``batch`` ``(batch, *event_shape)`` and ``{"fm_loss": L}``."""
+        r"""The loss :math:`L` of ``batch`` ``(batch, *event_shape)`` and ``{"fm_loss": L}``;
+        with ``context`` (one per point) the field regresses :math:`v(t, x_t, c)` on the same
+        targets, which trains :math:`p(x \mid c)`."""
         blocks, x = block_space(model, batch)
         t, z = self.draw(x, generator)
         if self.coupling == "ot":
+            if context is not None:
+                raise ValueError(
+                    "the 'ot' coupling pairs base and data points ignoring their contexts, "
+                    "which trains a wrong conditional flow; use coupling=None with contexts"
+                )
             z = ot_pairing(z, x, self.ot_block)
-        loss = self.loss(blocks, t, z, x)
+        loss = self.loss(blocks, t, z, x, context)
         return loss, {"fm_loss": loss.detach()}
 
     def draw(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
@@ -318,7 +343,14 @@ class FlowMatching:
         z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
         return t, z
 
-    def loss(self, blocks: list[CNFTransform], t: Tensor, z: Tensor, x: Tensor) -> Tensor:
+    def loss(
+        self,
+        blocks: list[CNFTransform],
+        t: Tensor,
+        z: Tensor,
+        x: Tensor,
+        context: Tensor | None = None,
+    ) -> Tensor:
         r""":math:`L = \frac1B \sum_b \|v(t_b, x_{t_b}) - u_b\|^2` for given ``t``, ``z``, ``x``.
 
         Args:
@@ -326,6 +358,7 @@ class FlowMatching:
             t: times, ``(batch,)``.
             z: base points paired with ``x``, ``(batch, *event_shape)``.
             x: data points in the blocks' space, ``(batch, *event_shape)``.
+            context: the points' contexts, ``(batch, ...)``, or None.
 
         Returns:
             the scalar loss.
@@ -334,5 +367,5 @@ class FlowMatching:
         tt = t.reshape(-1, *([1] * (x.dim() - 1)))
         xt = (1.0 - shrink * tt) * z + tt * x
         target = x - shrink * z
-        v = blockwise_velocity(blocks, t, xt)
+        v = blockwise_velocity(blocks, t, xt, context)
         return (v - target).square().reshape(x.shape[0], -1).sum(1).mean()

@@ -38,7 +38,7 @@ from .evaluation import evaluate_nll
 from .history import History
 from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
 from .objectives import MaximumLikelihood, Objective, resolve_metrics
-from .sampling import Batches, Sampler, derived_seed, seeded_generator
+from .sampling import Batches, Sampler, derived_seed, seeded_generator, split_context
 
 __all__ = [
     "FINAL_WEIGHTS",
@@ -94,9 +94,9 @@ class FitConfig:
             ``jacobian`` and ``solver``, which apply to that default only.
         kinetic, jacobian: RNODE weights of the default objective.
         solver: solver settings of the default objective, e.g. ``{"trace": "hutchinson"}``.
-        eval_data: held-out points; their NLL (:func:`evaluate_nll` with ``eval_solver``,
-            default exact trace) is recorded as ``eval_nll`` every ``eval_every`` steps and
-            after the last.
+        eval_data: held-out points (or ``(points, contexts)``); their NLL (:func:`evaluate_nll`
+            with ``eval_solver``, default exact trace) is recorded as ``eval_nll`` every
+            ``eval_every`` steps and after the last.
         eval_every: steps between evaluations; 0: only after the last.
         eval_solver: solver settings of the ``eval_data`` evaluation.
         eval_fn: instead of ``eval_data``, any held-out score ``eval_fn(model) -> float``
@@ -213,6 +213,7 @@ class FitConfig:
         """Steps in all: ``iters``, or ``epochs`` times the full batches of tensor ``data``."""
         if self.epochs is None:
             return self.iters
+        data, _ = split_context(data)
         if not isinstance(data, Tensor):
             raise ValueError("epochs needs tensor data; use iters with a sampler")
         return self.epochs * max(1, data.shape[0] // self.batch_size)
@@ -241,7 +242,10 @@ def fit(model: nn.Module, data: Tensor | Sampler, **settings: Any) -> History:
     Args:
         model: a :class:`cnf.Flow` or any module the objective can call.
         data: training points ``(n, *event_shape)`` (shuffled each epoch) or a sampler
-            ``sampler(n, generator) -> (n, *event_shape)`` of fresh batches.
+            ``sampler(n, generator) -> (n, *event_shape)`` of fresh batches; for a conditional
+            model, the pair ``(points, contexts)`` (one context per point: vectors ``(n, C)``
+            or labels ``(n,)``), or a sampler returning that pair. The objective then gets
+            each batch's contexts as ``context=``, and ``eval_data`` is a pair too.
         **settings: the fields of :class:`FitConfig`: ``iters`` or ``epochs``;
             ``batch_size``, ``lr``, ``weight_decay``, ``schedule``, ``clip_grad``;
             ``objective`` or ``kinetic``, ``jacobian``, ``solver``; ``eval_data``,
@@ -286,9 +290,13 @@ class Trainer:
         ref = next(model.parameters())
         self.device = check_device(config.device) if config.device is not None else ref.device
         self.dtype = ref.dtype
+        data, context = split_context(data)
         if isinstance(data, Tensor):
             check_finite_rows(data, "data")
             data = data.to(device=self.device, dtype=self.dtype)
+        if context is not None:
+            check_finite_rows(context, "the data's contexts")
+            data = (data, self._place(context))
         self.batches = Batches(data, config.batch_size, config.seed)
         self.objective = config.objective or MaximumLikelihood(
             kinetic=config.kinetic, jacobian=config.jacobian, solver=dict(config.solver or {})
@@ -321,12 +329,22 @@ class Trainer:
             return Evaluation(config.eval_fn, config.eval_every)
         if config.eval_data is None:
             return None
-        if config.eval_data.shape[0] < 1:
+        held_out, context = split_context(config.eval_data, "eval_data")
+        if held_out.shape[0] < 1:
             raise ValueError("eval_data is empty; give held-out points, or none")
-        check_finite_rows(config.eval_data, "eval_data")
-        held_out = config.eval_data.to(device=self.device, dtype=self.dtype)
-        score = functools.partial(evaluate_nll, data=held_out, **dict(config.eval_solver or {}))
+        check_finite_rows(held_out, "eval_data")
+        held_out = held_out.to(device=self.device, dtype=self.dtype)
+        if context is not None:
+            check_finite_rows(context, "eval_data's contexts")
+            context = self._place(context)
+        solver = dict(config.eval_solver or {})
+        score = functools.partial(evaluate_nll, data=held_out, context=context, **solver)
         return Evaluation(score, config.eval_every)
+
+    def _place(self, context: Tensor) -> Tensor:
+        """Contexts on the training device; real ones in the model's dtype, labels as they are."""
+        dtype = self.dtype if context.is_floating_point() else context.dtype
+        return context.to(device=self.device, dtype=dtype)
 
     @property
     def evaluation_model(self) -> nn.Module:
@@ -366,10 +384,12 @@ class Trainer:
     def step(self) -> None:
         """One optimiser step on batch ``iteration``; records its row of the history."""
         i, tic = self.iteration, time.perf_counter()
-        batch = self._batch(i)
+        batch, context = self._batch(i)
         noise = seeded_generator(self.device, derived_seed(self.config.seed, NOISE_STREAM, i))
+        # a context only where there is one: objectives written for unconditional data take none
+        given = {} if context is None else {"context": context}
         try:
-            loss, metrics = self.objective(self.model, batch, noise)
+            loss, metrics = self.objective(self.model, batch, noise, **given)
             if not bool(torch.isfinite(loss)):
                 self._stop(f"loss is {loss.item()} at iteration {i + 1}")
             self.optimizer.zero_grad(set_to_none=True)
@@ -387,17 +407,20 @@ class Trainer:
         self.iteration = i + 1
         self.history.record(i + 1, loss=loss.item(), **values, seconds=time.perf_counter() - tic)
 
-    def _batch(self, i: int) -> Tensor:
-        """Batch ``i`` on the training device; a sampler's batch is checked for NaN and Inf
-        (tensor data was checked once, up front)."""
-        batch = self.batches(i)
-        if not isinstance(self.batches.data, Tensor) and not bool(torch.isfinite(batch).all()):
-            rows = _non_finite_rows(batch)
-            self._stop(
-                f"the sampler's batch of iteration {i + 1} has NaN or Inf values in {len(rows)} "
-                f"row(s), the first at index {rows[0]}; fix the sampler"
-            )
-        return batch.to(device=self.device, dtype=self.dtype)
+    def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
+        """Batch ``i`` and its contexts (None: unconditional) on the training device; a
+        sampler's batch is checked for NaN and Inf (tensor data was checked once, up front)."""
+        batch, context = split_context(self.batches(i), "the sampler's batch")
+        if not isinstance(self.batches.data, Tensor):
+            for part in (batch, context):
+                if part is not None and not bool(torch.isfinite(part).all()):
+                    rows = _non_finite_rows(part)
+                    self._stop(
+                        f"the sampler's batch of iteration {i + 1} has NaN or Inf values in "
+                        f"{len(rows)} row(s), the first at index {rows[0]}; fix the sampler"
+                    )
+        batch = batch.to(device=self.device, dtype=self.dtype)
+        return batch, None if context is None else self._place(context)
 
     def _weight_size(self) -> Tensor:
         """The largest absolute weight (max-norm: no overflow on large but finite weights)."""

@@ -1,7 +1,8 @@
 r"""Training objectives: what one batch costs and what it is worth reporting.
 
 An objective is any callable ``objective(model, batch, generator) -> (loss, metrics)``
-(:class:`Objective`). The loop minimises ``loss`` and records every entry of ``metrics`` under
+(:class:`Objective`); for conditional data the loop also passes the batch's contexts as
+``context=`` (only then, so objectives for unconditional data need not take it). The loop minimises ``loss`` and records every entry of ``metrics`` under
 its own name; nothing about likelihoods or solvers is built into the loop. An objective calls
 the model only as ``model(batch, ...)``, so a wrapper such as ``DistributedDataParallel`` can
 stand in for the model.
@@ -41,7 +42,7 @@ class Objective(Protocol):
     """
 
     def __call__(
-        self, model: nn.Module, batch: Tensor, generator: torch.Generator | None
+        self, model: nn.Module, batch: Tensor, generator: torch.Generator | None, **context
     ) -> tuple[Tensor, dict[str, Metric]]:
         """Compute the loss of ``batch``.
 
@@ -51,6 +52,7 @@ class Objective(Protocol):
             batch: training points, ``(batch, *event_shape)``.
             generator: the iteration's source of noise (e.g. Hutchinson probes), or None for
                 the global RNG.
+            context: ``context=`` the batch's contexts, given for conditional data only.
 
         Returns:
             A scalar loss to minimise and ``{name: metric}`` to record (names other than
@@ -129,7 +131,7 @@ class MaximumLikelihood:
             value = getattr(self, name)
             if not (math.isfinite(number(name, value)) and value >= 0):
                 raise ValueError(f"{name} must be a finite weight >= 0, got {value!r}")
-        taken = {"regularizers", "generator"} & set(self.solver)
+        taken = {"regularizers", "generator", "context"} & set(self.solver)
         if taken:
             raise ValueError(
                 f"solver may not set {sorted(taken)}: the objective passes them itself"
@@ -142,11 +144,18 @@ class MaximumLikelihood:
         return self.kinetic > 0 or self.jacobian > 0
 
     def __call__(
-        self, model: nn.Module, batch: Tensor, generator: torch.Generator | None = None
+        self,
+        model: nn.Module,
+        batch: Tensor,
+        generator: torch.Generator | None = None,
+        context: Tensor | None = None,
     ) -> tuple[Tensor, dict[str, Metric]]:
-        """The loss :math:`L` of ``batch`` ``(batch, *event_shape)`` and its metrics."""
-        noise = {} if generator is None else {"generator": generator}
-        out = model(batch, regularizers=self.regularized, **noise, **self.solver)
+        r"""The loss :math:`L` of ``batch`` ``(batch, *event_shape)`` (given ``context``, for a
+        conditional model: :math:`\log p(x_b \mid c_b)`) and its metrics."""
+        given = {} if generator is None else {"generator": generator}
+        if context is not None:
+            given["context"] = context
+        out = model(batch, regularizers=self.regularized, **given, **self.solver)
         nll = -out.log_prob.mean()
         metrics: dict[str, Metric] = {
             "nll": nll.detach(),

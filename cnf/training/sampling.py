@@ -1,5 +1,9 @@
 """Where the batches come from: seeded per-iteration randomness, epochs, image samplers.
 
+Training data is points ``(n, *event_shape)``, or for a conditional model a pair ``(points,
+contexts)`` with one context per point (``(n, C)`` vectors or ``(n,)`` labels); a sampler returns
+the one or the other. A batch is what the data gives: a tensor, or a pair cut from the same rows.
+
 Every random draw of iteration ``i`` comes from a generator seeded with a hash of
 ``(seed, stream, i)``, never from the global RNG. A resumed run therefore draws exactly what the
 uninterrupted run would have drawn, whatever happened in the process before.
@@ -15,10 +19,40 @@ from torch import Tensor
 from cnf.ode._problem import number
 from cnf.transforms import dequantize
 
-__all__ = ["Batches", "Sampler", "derived_seed", "image_sampler", "seeded_generator"]
+__all__ = [
+    "Batches",
+    "Sampler",
+    "derived_seed",
+    "image_sampler",
+    "seeded_generator",
+    "split_context",
+]
 
-Sampler = Callable[[int, torch.Generator], Tensor]
-"""``sampler(n, generator) -> (n, *event_shape)``: fresh training points."""
+Sampler = Callable[[int, torch.Generator], Tensor | tuple[Tensor, Tensor]]
+"""``sampler(n, generator) -> (n, *event_shape)``: fresh training points; for a conditional model
+the pair ``(points, contexts)``."""
+
+
+def split_context(data, what: str = "data") -> tuple[Tensor | Sampler, Tensor | None]:
+    """``(points, contexts)`` of conditional data, ``(data, None)`` of anything else.
+
+    Raises:
+        ValueError: a pair whose parts are not tensors with the same number of rows.
+    """
+    if not isinstance(data, (tuple, list)):
+        return data, None
+    if len(data) != 2 or not all(isinstance(part, Tensor) for part in data):
+        raise ValueError(
+            f"{what} must be a tensor of points (n, *event_shape), a sampler(n, generator), or "
+            "for a conditional model a pair of tensors (points, contexts)"
+        )
+    x, c = data
+    if c.dim() == 0 or c.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"{what}: the contexts must have one row per point, got {tuple(c.shape)} contexts "
+            f"for {tuple(x.shape)} points"
+        )
+    return x, c
 
 _MASK = 0xFFFFFFFFFFFFFFFF
 
@@ -55,7 +89,8 @@ class Batches:
     sampler is called with a generator seeded by the iteration.
 
     Args:
-        data: ``(n, *event_shape)`` or a :data:`Sampler`.
+        data: ``(n, *event_shape)``, a pair ``(points, contexts)`` (the same rows of both are
+            drawn), or a :data:`Sampler`.
         batch_size: points per batch.
         seed: the run's seed.
 
@@ -67,6 +102,7 @@ class Batches:
     """The ``derived_seed`` streams of sampler batches and of epoch permutations."""
 
     def __init__(self, data: Tensor | Sampler, batch_size: int, seed: int):
+        data, self.context = split_context(data)
         if isinstance(data, Tensor):
             if data.shape[0] < 1:
                 raise ValueError("data is empty")
@@ -81,8 +117,9 @@ class Batches:
         """Batches per epoch of tensor data (at least one)."""
         return max(1, self.data.shape[0] // self.batch_size)
 
-    def __call__(self, i: int) -> Tensor:
-        """Batch ``i`` (0-based), ``(batch_size, *event_shape)``."""
+    def __call__(self, i: int) -> Tensor | tuple[Tensor, Tensor]:
+        """Batch ``i`` (0-based), ``(batch_size, *event_shape)``; a pair with the contexts of
+        those rows for conditional data."""
         cpu = torch.device("cpu")
         if not isinstance(self.data, Tensor):
             seed = derived_seed(self.seed, self.SAMPLER_STREAM, i)
@@ -91,10 +128,13 @@ class Batches:
         g = seeded_generator(cpu, derived_seed(self.seed, self.EPOCH_STREAM, epoch))
         perm = torch.randperm(self.data.shape[0], generator=g)
         idx = perm[j * self.batch_size : (j + 1) * self.batch_size]
-        return self.data[idx.to(self.data.device)]
+        x = self.data[idx.to(self.data.device)]
+        return x if self.context is None else (x, self.context[idx.to(self.context.device)])
 
 
-def image_sampler(images: Tensor, levels: int, *, translate: float = 0.0) -> Sampler:
+def image_sampler(
+    images: Tensor, levels: int, *, translate: float = 0.0, labels: Tensor | None = None
+) -> Sampler:
     """A sampler for :func:`cnf.training.fit` that draws training images and dequantizes them.
 
     Args:
@@ -105,10 +145,13 @@ def image_sampler(images: Tensor, levels: int, *, translate: float = 0.0) -> Sam
             overfitting of small data sets such as the digits). The vacated border is filled
             with level 0, the background of the digits and of MNIST. 0 draws exactly as
             without augmentation.
+        labels: ``(n,)`` class labels of the images, for a class-conditional model: the
+            sampler then returns ``(images, labels)`` of the drawn rows.
 
     Returns:
         ``sampler(batch, generator) -> (batch, C, H, W)``: random images (with replacement),
-        ``(x + u) / k`` with ``u ~ U[0, 1)`` (:func:`cnf.transforms.dequantize`).
+        ``(x + u) / k`` with ``u ~ U[0, 1)`` (:func:`cnf.transforms.dequantize`); with
+        ``labels``, the pair ``(images, labels)``.
 
     Raises:
         ValueError: ``translate`` is not a probability, or it is set for non-image data.
@@ -117,12 +160,16 @@ def image_sampler(images: Tensor, levels: int, *, translate: float = 0.0) -> Sam
         raise ValueError(f"translate must be a probability in [0, 1], got {translate!r}")
     if translate and images.dim() != 4:
         raise ValueError(f"translate needs images of shape (n, C, H, W), got {tuple(images.shape)}")
+    if labels is not None:
+        split_context((images, labels), "images and labels")
 
-    def sampler(n: int, generator: torch.Generator) -> Tensor:
-        x = images[torch.randint(len(images), (n,), generator=generator)]
+    def sampler(n: int, generator: torch.Generator) -> Tensor | tuple[Tensor, Tensor]:
+        rows = torch.randint(len(images), (n,), generator=generator)
+        x = images[rows]
         if translate:
             x = _translate(x, translate, generator)
-        return dequantize(x, levels, generator=generator)
+        x = dequantize(x, levels, generator=generator)
+        return x if labels is None else (x, labels[rows])
 
     return sampler
 
