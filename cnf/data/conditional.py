@@ -99,7 +99,7 @@ def _check_context_values(c: np.ndarray) -> None:
     if not np.all(np.isfinite(c)):
         raise ValueError("the context contains NaN or infinite values; pass finite numbers")
     if np.any((c < low) | (c > high)):
-        bad = c[(c < low) | (c > high)].flat[0]
+        bad = float(c[(c < low) | (c > high)].flat[0])
         raise ValueError(
             f"the context must lie in [{low}, {high}], the range it is drawn from, got {bad!r}; "
             "rescale it or clip it to that range"
