@@ -1,4 +1,5 @@
-"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`), images
+"""Data sets for density estimation: 2-D toy distributions (:mod:`cnf.data.toy`), 2-D
+conditional distributions with a known density (:mod:`cnf.data.conditional`), images
 (:mod:`cnf.data.images`: scikit-learn's 8x8 digits, MNIST and CIFAR-10 from local files) and
 tables: a user's own files (:mod:`cnf.data.files`), the tabular benchmarks of MAF and FFJORD
 (:mod:`cnf.data.benchmarks`, from MAF's local files) and tables that install with cnf
@@ -34,6 +35,13 @@ from .bundled import (
     synthetic_log_prob,
     synthetic_scales,
 )
+from .conditional import (
+    CONDITIONAL_NAMES,
+    ConditionalDensity,
+    conditional_density,
+    conditional_sampler,
+    sample_conditional,
+)
 from .files import FILE_SUFFIXES, Table, load_file, read_table
 from .images import (
     IMAGE_NAMES,
@@ -65,6 +73,11 @@ __all__ = [
     "synthetic_entropy",
     "synthetic_log_prob",
     "synthetic_scales",
+    "CONDITIONAL_NAMES",
+    "ConditionalDensity",
+    "conditional_density",
+    "conditional_sampler",
+    "sample_conditional",
     "IMAGE_NAMES",
     "ImageData",
     "load_cifar10",
