@@ -7,8 +7,8 @@ is often something else: a class label, or raw measurements in their own units.
 
 .. math::
 
-    e(y) = E_{y,:} \ \text{(a label } y \in \{0..K-1\}\text{, a learned table)}, \qquad
-    e(c) = \mathrm{MLP}\big((c - \mu) / \sigma\big) \ \text{(a vector } c \in \mathbb{R}^{C}\text{)},
+    e(y) = E_{y,:} \ (\text{a label } y < K), \qquad
+    e(c) = \mathrm{MLP}\big((c - \mu) / \sigma\big) \ (\text{a vector } c \in \mathbb{R}^{C}),
 
 with :math:`\mu, \sigma` fitted once to the training contexts (:meth:`ContextEmbedding.fit`,
 buffers like :class:`~cnf.transforms.Standardize`'s) and an MLP that may be empty (then
@@ -19,8 +19,8 @@ buffers like :class:`~cnf.transforms.Standardize`'s) and an MLP that may be empt
     g(t, z, y) = f(t, z, e(y)),
 
 and a CNF block calls its embedding once per solve, not at every evaluation of the field
-(:func:`with_context`): the embedded context is a tensor of the solve like the state, and the adjoint
-carries its gradient back to the embedding's weights.
+(:func:`with_context`): the embedded context is a tensor of the solve like the state, and the
+adjoint carries its gradient back to the embedding's weights.
 """
 
 from __future__ import annotations

@@ -248,6 +248,7 @@ def _build(spec: dict[str, Any]) -> Flow:
             f"unknown model kind {kind!r}; this version builds 'toy2d', 'tabular' and 'image'"
         )
     dim = spec.get("dim", 2)
+
     def make(c: int) -> ConcatSquashMLP:
         return ConcatSquashMLP(dim, spec["hidden"], spec["activation"], context_features=c)
 

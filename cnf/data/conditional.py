@@ -48,6 +48,8 @@ import numpy as np
 import torch
 from numpy.typing import ArrayLike
 
+from .toy import as_generator, check_count
+
 __all__ = [
     "CONDITIONAL_NAMES",
     "ConditionalDensity",
@@ -75,23 +77,6 @@ def _check_name(name: str) -> None:
         raise ValueError(
             f"unknown conditional data set {name!r}; choose one of: {', '.join(CONDITIONAL_NAMES)}"
         )
-
-
-def _check_n(n: int) -> None:
-    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
-        raise ValueError(f"n is the number of points to draw and must be an int >= 0, got {n!r}")
-
-
-def _as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
-    if isinstance(seed, np.random.Generator):
-        return seed
-    if seed is None:
-        return np.random.default_rng()
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(
-            f"seed must be a non-negative int, a numpy.random.Generator or None, got {seed!r}"
-        )
-    return np.random.default_rng(seed)
 
 
 def _check_context_values(c: np.ndarray) -> None:
@@ -199,10 +184,10 @@ def sample_conditional(
             wrong shape, not finite, or outside ``[-1, 1]``.
     """
     _check_name(name)
-    _check_n(n)
+    check_count(n)
     n = int(n)
     c = None if context is None else _as_context(context, n)
-    rng = _as_generator(seed)
+    rng = as_generator(seed)
     u, z = rng.random(n), rng.standard_normal((n, 2))
     if c is None:
         c = rng.uniform(*_CONTEXT_RANGE, size=n)
@@ -230,7 +215,7 @@ def conditional_sampler(
     _check_name(name)
 
     def sampler(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_n(n)
+        check_count(n)
         like = {"generator": generator, "dtype": torch.float64, "device": generator.device}
         u = torch.rand(int(n), **like).cpu().numpy()
         z = torch.randn(int(n), 2, **like).cpu().numpy()

@@ -164,12 +164,14 @@ def _check_name(name: str) -> None:
         raise ValueError(f"unknown toy data set {name!r}; choose one of: {', '.join(NAMES)}")
 
 
-def _check_n(n: int) -> None:
+def check_count(n: int) -> None:
+    """The number of points to draw: an int >= 0 (a ValueError otherwise)."""
     if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 0:
         raise ValueError(f"n is the number of points to draw and must be an int >= 0, got {n!r}")
 
 
-def _as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
+def as_generator(seed: int | np.random.Generator | None) -> np.random.Generator:
+    """``seed`` (an int >= 0, a generator or None) as a numpy generator."""
     if isinstance(seed, np.random.Generator):
         return seed
     if seed is None:
@@ -204,8 +206,8 @@ def sample(name: str, n: int, seed: int | np.random.Generator | None = None) -> 
         False
     """
     _check_name(name)
-    _check_n(n)
-    rng = _as_generator(seed)
+    check_count(n)
+    rng = as_generator(seed)
     return _GENERATORS[name](int(n), rng)
 
 

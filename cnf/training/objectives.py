@@ -2,8 +2,9 @@ r"""Training objectives: what one batch costs and what it is worth reporting.
 
 An objective is any callable ``objective(model, batch, generator) -> (loss, metrics)``
 (:class:`Objective`); for conditional data the loop also passes the batch's contexts as
-``context=`` (only then, so objectives for unconditional data need not take it). The loop minimises ``loss`` and records every entry of ``metrics`` under
-its own name; nothing about likelihoods or solvers is built into the loop. An objective calls
+``context=`` (only then, so objectives for unconditional data need not take it). The loop
+minimises ``loss`` and records every entry of ``metrics`` under its own name; nothing about
+likelihoods or solvers is built into the loop. An objective calls
 the model only as ``model(batch, ...)``, so a wrapper such as ``DistributedDataParallel`` can
 stand in for the model.
 

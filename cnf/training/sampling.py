@@ -54,6 +54,7 @@ def split_context(data, what: str = "data") -> tuple[Tensor | Sampler, Tensor | 
         )
     return x, c
 
+
 _MASK = 0xFFFFFFFFFFFFFFFF
 
 
