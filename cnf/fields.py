@@ -90,6 +90,43 @@ def _no_context(field: nn.Module, context: Tensor | None) -> None:
         )
 
 
+def _check_context_features(size: object) -> None:
+    """``context_features`` must be an int >= 0 (a bool or a float is a mistake, not a size)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"context_features must be an int >= 0, got {size!r}")
+    if size < 0:
+        raise ValueError(f"context_features must be an int >= 0, got {size}")
+
+
+def _context_rows(field: nn.Module, context: Tensor | None, z: Tensor) -> Tensor | None:
+    """The context of ``field`` (built with ``context_features = C``) as ``(batch, C)`` rows.
+
+    ``context`` is ``(batch, C)``, or ``(C,)`` for one context broadcast to every sample, cast
+    to ``z``'s dtype; ``batch = z.shape[0]``. None for an unconditional field (C = 0), which
+    refuses a context. Shared by the conditional fields so they refuse the same mistakes with
+    the same words.
+    """
+    size = field.context_features
+    if size == 0:
+        _no_context(field, context)
+        return None
+    if context is None:
+        raise ValueError(
+            f"{type(field).__name__} was built with context_features={size}: pass a context "
+            f"of shape (batch, {size}) (or ({size},) for every sample)"
+        )
+    c = torch.as_tensor(context)
+    c = c[None] if c.dim() == 1 else c
+    if not c.is_floating_point():
+        raise ValueError(f"the context must be real numbers (embed labels first): {c.dtype}")
+    if c.dim() != 2 or c.shape[1] != size or c.shape[0] not in (1, z.shape[0]):
+        raise ValueError(
+            f"the context must have shape ({z.shape[0]}, {size}) or ({size},) for a state of "
+            f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
+        )
+    return c.to(dtype=z.dtype).expand(z.shape[0], size)
+
+
 def _zero_last(layer: nn.Module) -> None:
     """Zero a ConcatSquash layer's map and time bias: the field starts at exactly 0."""
     inner = layer.linear if hasattr(layer, "linear") else layer.conv
@@ -306,10 +343,7 @@ class ConcatSquashMLP(nn.Module):
         super().__init__()
         (dim,) = _check_sizes("dim", (dim,))
         hidden = _check_sizes("hidden", hidden)
-        if isinstance(context_features, bool) or not isinstance(context_features, int):
-            raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
-        if context_features < 0:
-            raise ValueError(f"context_features must be an int >= 0, got {context_features}")
+        _check_context_features(context_features)
         sizes = (dim, *hidden, dim)
         self.dim, self.context_features = dim, context_features
         self._out_sizes = sizes[1:]  # of the layers, for splitting their concatenated gates
@@ -326,29 +360,6 @@ class ConcatSquashMLP(nn.Module):
     def _check(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (batch, {self.dim}), got {tuple(z.shape)}")
-
-    def _context(self, context: Tensor | None, z: Tensor) -> Tensor | None:
-        """The context as ``(batch, C)`` in ``z``'s dtype (one row broadcast to every sample);
-        None for an unconditional field, which refuses a context."""
-        size = self.context_features
-        if size == 0:
-            _no_context(self, context)
-            return None
-        if context is None:
-            raise ValueError(
-                f"{type(self).__name__} was built with context_features={size}: pass a context "
-                f"of shape (batch, {size}) (or ({size},) for every sample)"
-            )
-        c = torch.as_tensor(context)
-        c = c[None] if c.dim() == 1 else c
-        if not c.is_floating_point():
-            raise ValueError(f"the context must be real numbers (embed labels first): {c.dtype}")
-        if c.dim() != 2 or c.shape[1] != size or c.shape[0] not in (1, z.shape[0]):
-            raise ValueError(
-                f"the context must have shape ({z.shape[0]}, {size}) or ({size},) for a state of "
-                f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
-            )
-        return c.to(dtype=z.dtype).expand(z.shape[0], size)
 
     def _per_sample_terms(self, layers, h_gate: Tensor, h_bias: Tensor):
         r"""The per-sample gates :math:`g_{k,i} = \sigma(a_k h^{gate}_i + c_k)` and biases
@@ -399,7 +410,7 @@ class ConcatSquashMLP(nn.Module):
             ``dz/dt`` of shape ``(batch, dim)``.
         """
         self._check(z)
-        c = self._context(context, z)
+        c = _context_rows(self, context, z)
         t = _times(t, z)
         if c is not None:
             return self._per_sample_chain(z, *self._conditional_terms(t, c))
@@ -492,7 +503,7 @@ class ConcatSquashMLP(nn.Module):
             :math:`\operatorname{tr}(\partial f / \partial z)` of shape ``(batch,)``.
         """
         self._check(z)
-        c = self._context(context, z)
+        c = _context_rows(self, context, z)
         if c is not None:
             return self._conditional_with_divergence(_time(t, z), z, c)
         weights, biases = self._affine_maps(_time(t, z).reshape(1))
