@@ -18,6 +18,11 @@ with the class attribute ``per_sample_time = True``, which flow matching
 (:func:`cnf.training.flow_matching.field_velocity`) reads to call them once on the whole batch
 (a field without it is evaluated point by point).
 
+Built with ``context_features = C > 0``, :class:`ConcatSquashMLP` and
+:class:`ConcatSquashConvNet` are conditional fields ``f(t, z, c)``: their hypernets read
+:math:`h_i = [t_i, c_i]`, so gates and shifts differ per sample (per channel for the
+convolutions: FiLM). The context is ``(batch, C)``, or ``(C,)`` for every sample.
+
 :class:`ConcatSquashMLP` also computes its exact divergence analytically
 (:meth:`ConcatSquashMLP.forward_with_divergence`), which :func:`cnf.trace.divergence_exact` uses
 in place of automatic differentiation.
@@ -82,12 +87,49 @@ def _times(t: Tensor | float, like: Tensor) -> Tensor:
 
 
 def _no_context(field: nn.Module, context: Tensor | None) -> None:
-    """The fields here are unconditional: a context given to them is a mistake, not a no-op."""
+    """A field built without context features refuses a context: a mistake, not a no-op."""
     if context is not None:
         raise ValueError(
             f"{type(field).__name__} is an unconditional field and takes no context; call the "
             "flow without context=, or give it a field that uses one"
         )
+
+
+def _check_context_features(size: object) -> None:
+    """``context_features`` must be an int >= 0 (a bool or a float is a mistake, not a size)."""
+    if isinstance(size, bool) or not isinstance(size, int):
+        raise ValueError(f"context_features must be an int >= 0, got {size!r}")
+    if size < 0:
+        raise ValueError(f"context_features must be an int >= 0, got {size}")
+
+
+def _context_rows(field: nn.Module, context: Tensor | None, z: Tensor) -> Tensor | None:
+    """The context of ``field`` (built with ``context_features = C``) as ``(batch, C)`` rows.
+
+    ``context`` is ``(batch, C)``, or ``(C,)`` for one context broadcast to every sample, cast
+    to ``z``'s dtype; ``batch = z.shape[0]``. None for an unconditional field (C = 0), which
+    refuses a context. Shared by the conditional fields so they refuse the same mistakes with
+    the same words.
+    """
+    size = field.context_features
+    if size == 0:
+        _no_context(field, context)
+        return None
+    if context is None:
+        raise ValueError(
+            f"{type(field).__name__} was built with context_features={size}: pass a context "
+            f"of shape (batch, {size}) (or ({size},) for every sample)"
+        )
+    c = torch.as_tensor(context)
+    c = c[None] if c.dim() == 1 else c
+    if not c.is_floating_point():
+        raise ValueError(f"the context must be real numbers (embed labels first): {c.dtype}")
+    if c.dim() != 2 or c.shape[1] != size or c.shape[0] not in (1, z.shape[0]):
+        raise ValueError(
+            f"the context must have shape ({z.shape[0]}, {size}) or ({size},) for a state of "
+            f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
+        )
+    return c.to(dtype=z.dtype).expand(z.shape[0], size)
 
 
 def _zero_last(layer: nn.Module) -> None:
@@ -306,10 +348,7 @@ class ConcatSquashMLP(nn.Module):
         super().__init__()
         (dim,) = _check_sizes("dim", (dim,))
         hidden = _check_sizes("hidden", hidden)
-        if isinstance(context_features, bool) or not isinstance(context_features, int):
-            raise ValueError(f"context_features must be an int >= 0, got {context_features!r}")
-        if context_features < 0:
-            raise ValueError(f"context_features must be an int >= 0, got {context_features}")
+        _check_context_features(context_features)
         sizes = (dim, *hidden, dim)
         self.dim, self.context_features = dim, context_features
         self._out_sizes = sizes[1:]  # of the layers, for splitting their concatenated gates
@@ -326,29 +365,6 @@ class ConcatSquashMLP(nn.Module):
     def _check(self, z: Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (batch, {self.dim}), got {tuple(z.shape)}")
-
-    def _context(self, context: Tensor | None, z: Tensor) -> Tensor | None:
-        """The context as ``(batch, C)`` in ``z``'s dtype (one row broadcast to every sample);
-        None for an unconditional field, which refuses a context."""
-        size = self.context_features
-        if size == 0:
-            _no_context(self, context)
-            return None
-        if context is None:
-            raise ValueError(
-                f"{type(self).__name__} was built with context_features={size}: pass a context "
-                f"of shape (batch, {size}) (or ({size},) for every sample)"
-            )
-        c = torch.as_tensor(context)
-        c = c[None] if c.dim() == 1 else c
-        if not c.is_floating_point():
-            raise ValueError(f"the context must be real numbers (embed labels first): {c.dtype}")
-        if c.dim() != 2 or c.shape[1] != size or c.shape[0] not in (1, z.shape[0]):
-            raise ValueError(
-                f"the context must have shape ({z.shape[0]}, {size}) or ({size},) for a state of "
-                f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
-            )
-        return c.to(dtype=z.dtype).expand(z.shape[0], size)
 
     def _per_sample_terms(self, layers, h_gate: Tensor, h_bias: Tensor):
         r"""The per-sample gates :math:`g_{k,i} = \sigma(a_k h^{gate}_i + c_k)` and biases
@@ -399,7 +415,7 @@ class ConcatSquashMLP(nn.Module):
             ``dz/dt`` of shape ``(batch, dim)``.
         """
         self._check(z)
-        c = self._context(context, z)
+        c = _context_rows(self, context, z)
         t = _times(t, z)
         if c is not None:
             return self._per_sample_chain(z, *self._conditional_terms(t, c))
@@ -492,7 +508,7 @@ class ConcatSquashMLP(nn.Module):
             :math:`\operatorname{tr}(\partial f / \partial z)` of shape ``(batch,)``.
         """
         self._check(z)
-        c = self._context(context, z)
+        c = _context_rows(self, context, z)
         if c is not None:
             return self._conditional_with_divergence(_time(t, z), z, c)
         weights, biases = self._affine_maps(_time(t, z).reshape(1))
@@ -583,16 +599,33 @@ class ConcatSquashConv2d(nn.Module):
 
     with :math:`a, c, d` of shape ``(out_channels,)`` broadcast over the spatial dimensions.
 
+    With ``context_features = C > 0`` the hypernets read the time and a context vector together,
+    :math:`h = [t, c]` of size ``1 + C``, so every sample gets its own per-channel scale and
+    shift (FiLM, Perez et al. 2018), broadcast over its pixels:
+
+    .. math::
+
+        \mathrm{out}_i = (K * x_i + b) \odot \sigma(A\,h_i + a_0) + D\,h_i,
+
+    with :math:`A, D` of shape ``(out_channels, 1 + C)`` (``hyper_gate.weight`` and
+    ``hyper_bias.weight``) and :math:`a_0` of shape ``(out_channels,)``. :meth:`film` applies
+    the layer to a given ``h``; :meth:`forward` is the time-only call of a layer with C = 0.
+
     Args:
         in_channels, out_channels: channels of the input and output.
         kernel_size, stride, padding: as for :class:`torch.nn.Conv2d`.
         transpose: use :class:`torch.nn.ConvTranspose2d` (for upsampling).
+        context_features: size ``C`` of the context (0: an unconditional layer).
 
     Example:
         >>> layer = ConcatSquashConv2d(3, 16)
         >>> layer(torch.tensor(0.0), torch.randn(4, 3, 8, 8)).shape
         torch.Size([4, 16, 8, 8])
         >>> layer(torch.rand(4), torch.randn(4, 3, 8, 8)).shape  # a time per sample
+        torch.Size([4, 16, 8, 8])
+        >>> conditional = ConcatSquashConv2d(3, 16, context_features=2)
+        >>> h = torch.cat([torch.rand(4, 1), torch.randn(4, 2)], dim=1)  # rows [t_i, c_i]
+        >>> conditional.film(h, torch.randn(4, 3, 8, 8)).shape
         torch.Size([4, 16, 8, 8])
     """
 
@@ -606,15 +639,19 @@ class ConcatSquashConv2d(nn.Module):
         stride: int = 1,
         padding: int = 1,
         transpose: bool = False,
+        context_features: int = 0,
     ) -> None:
         super().__init__()
+        _check_context_features(context_features)
+        self.context_features = context_features
         conv = nn.ConvTranspose2d if transpose else nn.Conv2d
+        # created in this order whatever C is: a seed gives an unconditional layer its old values
         self.conv = conv(in_channels, out_channels, kernel_size, stride=stride, padding=padding)
-        self.hyper_gate = nn.Linear(1, out_channels)
-        self.hyper_bias = nn.Linear(1, out_channels, bias=False)
+        self.hyper_gate = nn.Linear(1 + context_features, out_channels)
+        self.hyper_bias = nn.Linear(1 + context_features, out_channels, bias=False)
 
     def forward(self, t: Tensor | float, x: Tensor) -> Tensor:
-        """Apply the layer.
+        """Apply the layer (C = 0; a layer with a context is applied with :meth:`film`).
 
         Args:
             t: scalar time (0-dim tensor, float or one element), or one time per sample of
@@ -625,10 +662,38 @@ class ConcatSquashConv2d(nn.Module):
         Returns:
             shape ``(batch, out_channels, H', W')``.
         """
-        t = _times(t, x)
-        n = t.shape[0]  # 1, or batch for a time per sample
-        gate = torch.sigmoid(self.hyper_gate(t)).reshape(n, -1, 1, 1)
-        return self.conv(x) * gate + self.hyper_bias(t).reshape(n, -1, 1, 1)
+        if self.context_features:
+            raise ValueError(
+                f"this layer was built with context_features={self.context_features}: apply it "
+                "with film(h, x), h = [t, c] of shape (batch, 1 + C)"
+            )
+        return self._modulate(_times(t, x), x)
+
+    def film(self, h: Tensor, x: Tensor) -> Tensor:
+        r"""Apply the layer with the hypernets' input given: :math:`h_i = [t_i, c_i]`.
+
+        Args:
+            h: shape ``(n, 1 + C)``, one row for the whole batch (n = 1) or one per sample
+                (n = batch); cast to ``x``'s dtype. With C = 0 it is the time column, and
+                ``film(t[:, None], x)`` equals ``forward(t, x)``.
+            x: input of shape ``(batch, in_channels, H, W)``.
+
+        Returns:
+            shape ``(batch, out_channels, H', W')``.
+        """
+        width = 1 + self.context_features
+        if h.dim() != 2 or h.shape[1] != width or h.shape[0] not in (1, x.shape[0]):
+            raise ValueError(
+                f"h must have shape ({x.shape[0]}, {width}) or (1, {width}) (rows [t, c]) for an "
+                f"input of shape {tuple(x.shape)}, got {tuple(h.shape)}"
+            )
+        return self._modulate(h.to(dtype=x.dtype), x)
+
+    def _modulate(self, h: Tensor, x: Tensor) -> Tensor:
+        """The equation above, for ``h`` of shape ``(n, 1 + C)`` already checked."""
+        n = h.shape[0]  # 1, or batch for per-sample gates
+        gate = torch.sigmoid(self.hyper_gate(h)).reshape(n, -1, 1, 1)
+        return self.conv(x) * gate + self.hyper_bias(h).reshape(n, -1, 1, 1)
 
 
 class ConcatSquashConvNet(nn.Module):
@@ -640,15 +705,35 @@ class ConcatSquashConvNet(nn.Module):
     shape. The divergence comes from :func:`cnf.trace.divergence_exact` (generic, costly for
     large images) or :func:`cnf.trace.divergence_hutchinson`, FFJORD's choice for images.
 
+    With ``context_features = C > 0`` the field is conditional, ``f(t, z, c)``: every layer,
+    the last included, is a FiLM layer whose per-sample, per-channel gate and shift read
+    :math:`h_i = [t_i, c_i]` (see :class:`ConcatSquashConv2d`),
+
+    .. math::
+
+        x_k = s\bigl((K_k * x_{k-1} + b_k) \odot \sigma(A_k h + a_k) + D_k h\bigr), \quad
+        f(t, z, c) = (K_{n+1} * x_n + b_{n+1}) \odot \sigma(A_{n+1} h + a_{n+1}) + D_{n+1} h.
+
+    :class:`ConcatSquashMLP` keeps its output gate time-only so that it folds into the last
+    weight of its analytic trace; a convolution has no analytic trace here (the divergence is
+    autograd's or Hutchinson's whatever the gates), so nothing is saved by that restriction and
+    the output gate reads the context too.
+
     Args:
-        in_channels: channels :math:`C` of the state.
+        in_channels: channels of the state.
         hidden_channels: channels of the hidden layers, at least one.
         activation: one of :data:`ACTIVATIONS`; softplus is FFJORD's choice for images.
-        zero_init_last: start with the zero field, see :class:`ConcatSquashMLP`.
+        context_features: size ``C`` of the context (0: an unconditional field, which refuses
+            a context).
+        zero_init_last: start with the zero field (whatever the context), see
+            :class:`ConcatSquashMLP`.
 
     Example:
         >>> field = ConcatSquashConvNet(1, hidden_channels=(8, 8))
         >>> field(torch.tensor(0.0), torch.randn(2, 1, 6, 6)).shape
+        torch.Size([2, 1, 6, 6])
+        >>> conditional = ConcatSquashConvNet(1, (8, 8), context_features=3)
+        >>> conditional(torch.rand(2), torch.randn(2, 1, 6, 6), torch.randn(2, 3)).shape
         torch.Size([2, 1, 6, 6])
     """
 
@@ -661,15 +746,17 @@ class ConcatSquashConvNet(nn.Module):
         hidden_channels: Sequence[int] = (64, 64, 64),
         activation: str = "softplus",
         *,
+        context_features: int = 0,
         zero_init_last: bool = False,
     ) -> None:
         super().__init__()
         (in_channels,) = _check_sizes("in_channels", (in_channels,))
         hidden_channels = _check_sizes("hidden_channels", hidden_channels)
+        _check_context_features(context_features)
         sizes = (in_channels, *hidden_channels, in_channels)
-        self.in_channels = in_channels
+        self.in_channels, self.context_features = in_channels, context_features
         self.layers = nn.ModuleList(
-            ConcatSquashConv2d(a, b, kernel_size=3, stride=1, padding=1)
+            ConcatSquashConv2d(a, b, 3, stride=1, padding=1, context_features=context_features)
             for a, b in zip(sizes[:-1], sizes[1:])
         )
         self.activations = nn.ModuleList(_make_activation(activation) for _ in hidden_channels)
@@ -677,24 +764,36 @@ class ConcatSquashConvNet(nn.Module):
             _zero_last(self.layers[-1])
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
-        """Evaluate ``dz/dt = f(t, z)``.
+        """Evaluate ``dz/dt = f(t, z)`` (or ``f(t, z, c)`` for a conditional field).
 
         Args:
             t: scalar time (0-dim tensor, float or one element), or one time per sample of
                 shape ``(batch,)`` (``z[i]`` at time ``t[i]``).
             z: state of shape ``(batch, in_channels, H, W)``.
-            context: must be None (the context slot of conditional fields).
+            context: ``(batch, C)`` float (or ``(C,)``, the same for every sample) for a field
+                built with ``context_features = C``; None otherwise.
 
         Returns:
             ``dz/dt`` of shape ``(batch, in_channels, H, W)``.
         """
-        _no_context(self, context)
+        if not self.context_features:
+            _no_context(self, context)  # before the shape check, as for every unconditional call
+            self._check(z)
+            t = _times(t, z).reshape(-1)  # checked once: (1,) or (batch,)
+            x = z
+            for layer, act in zip(self.layers, self.activations):
+                x = act(layer(t, x))
+            return self.layers[-1](t, x)
+        self._check(z)  # first: the context's check reads the batch size
+        c = _context_rows(self, context, z)
+        h = torch.cat([_times(t, z).expand(z.shape[0], 1), c], dim=1)  # (batch, 1 + C)
+        x = z
+        for layer, act in zip(self.layers, self.activations):
+            x = act(layer.film(h, x))
+        return self.layers[-1].film(h, x)
+
+    def _check(self, z: Tensor) -> None:
         if z.dim() != 4 or z.shape[1] != self.in_channels:
             raise ValueError(
                 f"z must have shape (batch, {self.in_channels}, H, W), got {tuple(z.shape)}"
             )
-        t = _times(t, z).reshape(-1)  # checked once: (1,) or (batch,)
-        x = z
-        for layer, act in zip(self.layers, self.activations):
-            x = act(layer(t, x))
-        return self.layers[-1](t, x)
