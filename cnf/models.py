@@ -191,6 +191,8 @@ def image_spec(data: str, architecture: str | None = None, **options: Any) -> di
         options = {**DIGITS_DENSE, **options}
     # a copy: the spec must not share lists with the module's defaults or the caller
     options = deepcopy(options)
+    if options.get("context") is not None:  # resolved, like the rest
+        options["context"] = context_spec(**options["context"])
     spec = {"kind": "image", "data": data, "architecture": architecture, "options": options}
     build(spec)  # validate now, not when a checkpoint is read back
     return spec

@@ -35,6 +35,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .context import conditional_field
 from .continuous import CNFTransform
 from .fields import ConcatSquashConvNet
 from .flow import Flow
@@ -187,6 +188,10 @@ class MultiscaleCNF(Flow):
             followed by the identity.
         single_scale: shorthand for ``scales=1`` (FFJORD's non-multiscale option without the
             down/up-sampling inside the field).
+        context: a class-conditional (or otherwise conditional) model: the keywords of
+            :class:`cnf.context.ContextEmbedding` (e.g. ``{"classes": 10}``); every block's conv
+            field reads the embedded context in its gates and shifts (FiLM), one embedding per
+            block. None: unconditional.
         **settings: every block's :class:`~cnf.settings.SolverSettings` (default here:
             ``trace="hutchinson"``, for training; the exact trace of a conv field costs one
             vectorised backward pass per dimension of the block's state, fine for 8x8 digits);
@@ -219,6 +224,7 @@ class MultiscaleCNF(Flow):
         train_T: bool = True,
         zero_init_last: bool = False,
         single_scale: bool = False,
+        context: dict | None = None,
         **settings,
     ):
         shape = image_shape(event_shape)
@@ -230,8 +236,15 @@ class MultiscaleCNF(Flow):
 
         def make_blocks(shape: tuple[int, int, int]) -> list[CNFTransform]:
             def field():
-                return ConcatSquashConvNet(
-                    shape[0], hidden_channels, activation, zero_init_last=zero_init_last
+                return conditional_field(
+                    lambda c: ConcatSquashConvNet(
+                        shape[0],
+                        hidden_channels,
+                        activation,
+                        context_features=c,
+                        zero_init_last=zero_init_last,
+                    ),
+                    context,
                 )
 
             return [

@@ -232,12 +232,15 @@ def test_a_conditional_conv_cnf_samples_scores_and_inverts_with_its_context():
     assert (other - lp).abs().max() > 1e-3  # a density given c, not one density for all c
 
 
-def test_flow_matchings_velocity_does_not_pass_a_context_and_says_so():
-    """``field_velocity(field, t, x)`` has no context slot yet: a conditional field fails
-    loudly there rather than being evaluated without its context."""
+def test_flow_matchings_velocity_passes_the_context_and_needs_one():
+    """``field_velocity(field, t, x, c)`` evaluates the conditional field at per-sample times
+    and contexts; without a context it fails loudly rather than run without one."""
     field = _net()
+    t, x = torch.rand(4, dtype=F64), torch.randn(4, 2, 3, 3, dtype=F64)
+    c = torch.randn(4, 2, dtype=F64)
+    torch.testing.assert_close(field_velocity(field, t, x, c), field(t, x, c), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"context_features=2: pass a context"):
-        field_velocity(field, torch.rand(4, dtype=F64), torch.randn(4, 2, 3, 3, dtype=F64))
+        field_velocity(field, t, x)
 
 
 # ------------------------------------------------------------------ bad input
