@@ -114,11 +114,25 @@ def _grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xx, yy, np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def _log_prob(model: Flow, points: np.ndarray, batch: int, solver_kw: dict) -> np.ndarray:
+def _on_model(context: Tensor | None, model: Flow) -> Tensor | None:
+    """``context`` on the model's device, real numbers in its dtype (labels stay integers)."""
+    if context is None:
+        return None
+    if not isinstance(context, Tensor):
+        raise ValueError(f"context must be a tensor or None, got {type(context).__name__}")
+    dtype, device = _dtype_device(model)
+    return context.to(device=device, dtype=dtype if context.is_floating_point() else None)
+
+
+def _log_prob(
+    model: Flow, points: np.ndarray, batch: int, solver_kw: dict, context: Tensor | None = None
+) -> np.ndarray:
+    """``log p`` of ``points`` ``(m, 2)`` in chunks of ``batch``; one ``context`` for all."""
     dtype, device = _dtype_device(model)
     x = torch.as_tensor(points, dtype=dtype, device=device)
+    kw = solver_kw if context is None else {**solver_kw, "context": _on_model(context, model)}
     with torch.no_grad():
-        logp = torch.cat([model.log_prob(chunk, **solver_kw) for chunk in x.split(batch)])
+        logp = torch.cat([model.log_prob(chunk, **kw) for chunk in x.split(batch)])
     return logp.double().cpu().numpy()
 
 
@@ -129,13 +143,16 @@ def density_grid(
     batch: int = 8192,
     *,
     trace: str = "exact",
+    context: Tensor | None = None,
     **solver_kw,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""The model's log-density on a regular ``n x n`` grid over :math:`[-lim, lim]^2`.
 
     The grid nodes are ``np.linspace(-lim, lim, n)`` along each axis, so
     ``np.exp(logp).sum() * (2 * lim / (n - 1)) ** 2`` approximates
-    :math:`\int p(x)\,dx` over the square (about 1 when the square holds the mass).
+    :math:`\int p(x)\,dx` over the square (about 1 when the square holds the mass). For a
+    conditional flow, ``context`` gives :math:`\log p(x \mid c)` at one context for the whole
+    grid.
 
     Args:
         model: a :class:`cnf.flow.Flow` with ``event_shape == (2,)``.
@@ -143,6 +160,10 @@ def density_grid(
         n: nodes per axis, >= 2.
         batch: points per call of ``model.log_prob`` (bounds memory), >= 1.
         trace: the trace estimator; exact by default (see the module docstring).
+        context: None (an unconditional flow), or one context broadcast to every grid point,
+            as ``model.log_prob(x, context=...)`` takes it: a 0-dim integer tensor (a label) or
+            a ``(C,)`` vector tensor (moved to the model's device, real numbers cast to its
+            dtype).
         **solver_kw: other per-call solver settings, e.g. ``rtol=1e-5, atol=1e-5``.
 
     Returns:
@@ -151,14 +172,15 @@ def density_grid(
         rows) and ``logp[i, j]`` is :math:`\log p` there.
 
     Raises:
-        ValueError: for a model that is not a 2-D flow or a bad ``lim``, ``n`` or ``batch``.
+        ValueError: for a model that is not a 2-D flow, a bad ``lim``, ``n`` or ``batch``, or
+            a context that is not a tensor (the model checks the rest).
     """
     _check_model(model)
     lim = positive("lim", lim)
     n = _check_int("n", n, 2)
     batch = _check_int("batch", batch, 1)
     xx, yy, points = _grid(lim, n)
-    logp = _log_prob(model, points, batch, {"trace": trace, **solver_kw})
+    logp = _log_prob(model, points, batch, {"trace": trace, **solver_kw}, context)
     return xx, yy, logp.reshape(n, n)
 
 
