@@ -1,5 +1,6 @@
 r"""Pictures of 2-D flows: densities, samples, trajectories, an animation, training curves;
-pair plots of tables.
+pair plots of tables; conditional flows: densities at several contexts
+(:func:`plot_conditional_densities`).
 
 Every function returns a :class:`matplotlib.figure.Figure` (except :func:`animate_flow`, which
 writes a GIF and returns its path). The figures are built with the object-oriented API and are
@@ -54,6 +55,7 @@ from .settings import check_choice
 __all__ = [
     "animate_flow",
     "density_grid",
+    "plot_conditional_densities",
     "plot_curves",
     "plot_density",
     "plot_images",
@@ -437,6 +439,173 @@ def plot_samples(
         _points_panel(axes[0], data, kind, lim, bins, cmap, f"data ({len(data)} points)")
     _points_panel(axes[-1], samples, kind, lim, bins, cmap, f"model ({len(samples)} samples)")
     return fig
+
+
+# ---------------------------------------------------------------------------- conditional densities
+
+
+def _one_context(item, labels: bool, model: Flow) -> Tensor:
+    """One entry of ``contexts`` as the tensor ``log_prob`` broadcasts: a 0-dim long label or a
+    ``(C,)`` vector in the model's dtype (the rule is in :func:`plot_conditional_densities`)."""
+    if isinstance(item, bool | np.bool_):
+        raise ValueError(f"a context must be a number or a tensor, not the bool {item!r}")
+    if isinstance(item, int | np.integer | float | np.floating):
+        if labels and not isinstance(item, int | np.integer):
+            raise ValueError(f"labels=True: every context must be an int label, got {item!r}")
+        item = torch.tensor(int(item)) if labels else torch.tensor([float(item)])
+    elif not isinstance(item, Tensor | np.ndarray):
+        raise ValueError(
+            f"a context must be a number, a tensor or an array, got {type(item).__name__}"
+        )
+    c = torch.as_tensor(item)
+    if c.dtype == torch.bool or c.is_complex():
+        raise ValueError(f"a context must be integers (a label) or real numbers, got {c.dtype}")
+    if not c.is_floating_point():
+        if c.dim() != 0:
+            raise ValueError(f"a label context is one integer (0-dim), got shape {tuple(c.shape)}")
+        return _on_model(c.long(), model)
+    if c.dim() > 1:
+        raise ValueError(f"a vector context has shape (C,), got shape {tuple(c.shape)}")
+    return _on_model(c.reshape(-1), model)
+
+
+def _contexts(contexts, labels: bool, model: Flow) -> list[Tensor]:
+    """``contexts`` as a non-empty list of single contexts (tensor rows, or list entries)."""
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence | Tensor | np.ndarray):
+        raise ValueError(
+            f"contexts must be a sequence of contexts or a tensor of shape (k,) or (k, C), got "
+            f"{type(contexts).__name__}; for one context pass a list of one"
+        )
+    if isinstance(contexts, Tensor | np.ndarray) and np.ndim(contexts) not in (1, 2):
+        raise ValueError(
+            f"a tensor of contexts must have shape (k,) or (k, C), got {tuple(contexts.shape)}"
+        )
+    if len(contexts) == 0:
+        raise ValueError("contexts is empty: give at least one context to draw")
+    return [_one_context(item, labels, model) for item in contexts]
+
+
+def _context_title(c: Tensor) -> str:
+    """``"label 3"``, ``"c = 0.5"`` or ``"c = (0.5, 1)"``."""
+    if not c.is_floating_point():
+        return f"label {int(c)}"
+    values = [f"{v:g}" for v in c.tolist()]
+    return f"c = {values[0]}" if len(values) == 1 else f"c = ({', '.join(values)})"
+
+
+def _titles(titles, k: int, default: list[str]) -> list[str]:
+    """``titles`` as ``k`` strings (one per panel or row); None: ``default``."""
+    if titles is None:
+        return default
+    if isinstance(titles, str) or not isinstance(titles, Sequence) or len(titles) != k:
+        raise ValueError(f"titles must be a sequence of {k} strings, one each, got {titles!r}")
+    return [str(title) for title in titles]
+
+
+def _true_conditional_log_density(true_density, points: np.ndarray, c: Tensor) -> np.ndarray:
+    """``true_density.log_density(points, contexts)`` at one context given to every point:
+    labels as ``(m,)`` integers, vectors as ``(m, C)`` rows; checked to be ``(m,)``."""
+    m, value = len(points), c.detach().cpu().numpy()
+    rows = np.full(m, int(value)) if value.ndim == 0 else np.tile(value.astype(np.float64), (m, 1))
+    truth = np.asarray(true_density.log_density(points, rows), np.float64)
+    if truth.shape != (m,):
+        raise ValueError(
+            f"true_density.log_density must map points (m, 2) and contexts to (m,), got shape "
+            f"{truth.shape} for m = {m}"
+        )
+    return truth
+
+
+def _check_conditional_truth(true_density) -> None:
+    if true_density is not None and not callable(getattr(true_density, "log_density", None)):
+        raise ValueError(
+            f"true_density must have a log_density(points, contexts) method (e.g. "
+            f"cnf.data.conditional_density(name)), got {type(true_density).__name__}"
+        )
+
+
+def _true_densities(true_density, cs: list[Tensor], lim: float, n: int) -> list[np.ndarray]:
+    """The closed-form density on the ``n x n`` grid at each context, ``(n, n)`` each."""
+    points = _grid(lim, n)[2]
+    logs = [_true_conditional_log_density(true_density, points, c) for c in cs]
+    return [np.exp(log_density).reshape(n, n) for log_density in logs]
+
+
+def _conditional_figure(models: list, truths: list | None, lim: float, titles: list[str]):
+    """A row of model densities, above a row of true densities sharing each column's scale."""
+    k, rows = len(models), 1 if truths is None else 2
+    fig = _new_figure(k, height=_PANEL * rows)
+    axes = fig.subplots(rows, k, squeeze=False)
+    for j in range(k):
+        image = _image(axes[0, j], models[j], lim, "viridis", titles[j])
+        if truths is not None:
+            truth = _image(axes[1, j], truths[j], lim, "viridis", titles[j])
+            vmax = max(float(models[j].max()), float(truths[j].max()), 1e-300)
+            image.set_clim(0.0, vmax)
+            truth.set_clim(0.0, vmax)
+    if truths is not None:
+        axes[0, 0].set_ylabel("model density")
+        axes[1, 0].set_ylabel("true density")
+    return fig
+
+
+def plot_conditional_densities(
+    model: Flow,
+    contexts,
+    *,
+    true_density=None,
+    labels: bool = False,
+    lim: float = 4.0,
+    n: int = 200,
+    batch: int = 8192,
+    trace: str = "exact",
+    titles: Sequence[str] | None = None,
+    **solver_kw,
+) -> Figure:
+    r"""The conditional density :math:`p(x \mid c)` of a 2-D flow at several contexts, in a row.
+
+    Panel ``j`` is ``exp`` of :func:`density_grid` with ``context=contexts[j]``, one context for
+    the whole grid; with ``true_density`` a second row draws the closed-form density at the same
+    contexts, each column's two panels on one colour scale from 0 (the model row alone: each
+    panel on its own scale).
+
+    Args:
+        model: a conditional :class:`cnf.flow.Flow` with ``event_shape == (2,)``.
+        contexts: ``k >= 1`` contexts, each one turned into a tensor by one rule:
+
+            * a tensor or array is taken by its dtype: integers are a label (0-dim only), real
+              numbers a vector ``(C,)`` (a 0-dim one is a vector of one feature);
+            * a plain number is a vector of one feature (``0.5`` gives ``tensor([0.5])``) ...
+            * ... unless ``labels=True``: then it is a label (an int; a float is refused).
+
+            Given as a list (e.g. ``[-1, -0.5, 0, 0.5, 1]``, ``[torch.tensor(3)]``), or as a
+            tensor whose rows are the contexts: ``(k,)`` (e.g. ``torch.arange(3)``: labels;
+            ``torch.linspace(-1, 1, 5)``: vectors of one feature) or ``(k, C)``.
+        true_density: None, or an object with ``log_density(points, contexts)`` taking points
+            ``(m, 2)`` and a context per point (labels ``(m,)``, vectors ``(m, C)``) and
+            returning ``(m,)``, e.g. ``cnf.data.conditional_density("rotating")``.
+        labels: read plain numbers in ``contexts`` as class labels.
+        lim, n, batch, trace: the square, grid nodes per axis, points per solve and trace
+            estimator of :func:`density_grid`.
+        titles: a title per context; default ``"label 3"``, ``"c = 0.5"``, ``"c = (0.5, 1)"``.
+        **solver_kw: other per-call solver settings.
+
+    Returns:
+        A figure of ``k`` (or ``2 k`` with ``true_density``) square panels.
+
+    Raises:
+        ValueError: for a model that is not a 2-D flow, empty or malformed ``contexts``, a
+            ``true_density`` without ``log_density``, wrong titles or bad sizes.
+    """
+    _check_model(model)
+    lim, n = positive("lim", lim), _check_int("n", n, 2)
+    cs = _contexts(contexts, labels, model)
+    titles = _titles(titles, len(cs), [_context_title(c) for c in cs])
+    _check_conditional_truth(true_density)
+    kw = {"trace": trace, **solver_kw}
+    models = [np.exp(density_grid(model, lim, n, batch, context=c, **kw)[2]) for c in cs]
+    truths = None if true_density is None else _true_densities(true_density, cs, lim, n)
+    return _conditional_figure(models, truths, lim, titles)
 
 
 def _time_segments(path: np.ndarray, t: np.ndarray, cmap: str) -> LineCollection:

@@ -17,6 +17,7 @@ from matplotlib.figure import Figure
 import cnf
 from cnf import plot
 from cnf.context import Conditioned, ContextEmbedding
+from cnf.data.conditional import conditional_density
 from cnf.dense import DenseImageCNF
 from cnf.fields import ConcatSquashMLP
 
@@ -97,3 +98,124 @@ def test_density_grid_casts_a_vector_context_to_the_model_dtype(vector):
     np.testing.assert_array_equal(f32, f64)
     with pytest.raises(ValueError, match="context must be a tensor"):
         plot.density_grid(vector, n=4, context=0.5)
+
+
+# ---------------------------------------------------------------------------- conditional densities
+
+
+def test_conditional_densities_draw_one_panel_per_context(vector, tmp_path):
+    contexts = [-1, -0.5, 0, 0.5, 1]  # plain numbers, ints among them: vectors of one feature
+    fig = plot.plot_conditional_densities(vector, contexts, lim=2.0, n=6, **TIGHT)
+    _rendered(fig, 5, tmp_path)
+    titles = ["c = -1", "c = -0.5", "c = 0", "c = 0.5", "c = 1"]
+    assert [ax.get_title() for ax in fig.axes] == titles
+    for ax, c in zip(fig.axes, contexts):
+        expected = np.exp(_direct_log_prob(vector, 2.0, 6, torch.tensor([float(c)])))
+        np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("contexts", "kw", "titles"),
+    [
+        ([0, 2], {"labels": True}, ["label 0", "label 2"]),
+        ([torch.tensor(1), np.int64(2)], {"labels": True}, ["label 1", "label 2"]),
+        (torch.arange(3), {}, ["label 0", "label 1", "label 2"]),
+    ],
+    ids=["ints-as-labels", "tensor-and-numpy-labels", "integer-tensor-rows"],
+)
+def test_labels_come_from_integer_tensors_or_labels_true(labelled, contexts, kw, titles, tmp_path):
+    fig = plot.plot_conditional_densities(labelled, contexts, lim=2.0, n=4, **kw, **TIGHT)
+    _rendered(fig, len(titles), tmp_path)
+    assert [ax.get_title() for ax in fig.axes] == titles
+    last = np.exp(_direct_log_prob(labelled, 2.0, 4, torch.tensor(int(titles[-1][-1]))))
+    np.testing.assert_allclose(fig.axes[-1].images[0].get_array(), last, rtol=1e-7, atol=0)
+
+
+def test_vector_contexts_as_tensor_rows_and_custom_titles(tmp_path):
+    model = _flow(ContextEmbedding(inputs=2))
+    contexts = torch.tensor([[0.5, 1.0], [-1.0, 0.0]])
+    fig = plot.plot_conditional_densities(model, contexts, lim=2.0, n=4, **TIGHT)
+    assert [ax.get_title() for ax in fig.axes] == ["c = (0.5, 1)", "c = (-1, 0)"]
+    expected = np.exp(_direct_log_prob(model, 2.0, 4, contexts[1].double()))
+    np.testing.assert_allclose(fig.axes[1].images[0].get_array(), expected, rtol=1e-7, atol=0)
+    fig = plot.plot_conditional_densities(
+        model, contexts, lim=2.0, n=4, titles=["first", "second"], **TIGHT
+    )
+    _rendered(fig, 2, tmp_path)
+    assert [ax.get_title() for ax in fig.axes] == ["first", "second"]
+
+
+def test_the_true_row_is_the_closed_form_density_on_each_columns_scale(vector, tmp_path):
+    truth = conditional_density("rotating")
+    contexts, lim, n = [-0.5, 0.5], 3.0, 7
+    fig = plot.plot_conditional_densities(
+        vector, contexts, true_density=truth, lim=lim, n=n, **TIGHT
+    )
+    _rendered(fig, 4, tmp_path)
+    top, bottom = fig.axes[:2], fig.axes[2:]  # subplots are added row by row
+    axis = np.linspace(-lim, lim, n)
+    xx, yy = np.meshgrid(axis, axis)
+    points = np.stack([xx.ravel(), yy.ravel()], axis=1)
+    for j, c in enumerate(contexts):
+        expected = np.exp(truth.log_density(points, c)).reshape(n, n)
+        np.testing.assert_allclose(bottom[j].images[0].get_array(), expected, rtol=1e-12)
+        model = np.exp(_direct_log_prob(vector, lim, n, torch.tensor([c])))
+        np.testing.assert_allclose(top[j].images[0].get_array(), model, rtol=1e-7, atol=0)
+        vmax = max(expected.max(), model.max())
+        assert top[j].images[0].get_clim() == pytest.approx((0.0, vmax))
+        assert bottom[j].images[0].get_clim() == pytest.approx((0.0, vmax))
+        assert bottom[j].get_title() == top[j].get_title() == f"c = {c:g}"
+    assert top[0].get_ylabel() == "model density" and bottom[0].get_ylabel() == "true density"
+
+
+def test_the_true_density_receives_a_context_per_point(labelled):
+    seen = []
+
+    class Recorder:
+        def log_density(self, x, c):
+            seen.append((x.shape, np.asarray(c).shape, np.unique(c).tolist()))
+            return np.zeros(len(x))
+
+    plot.plot_conditional_densities(labelled, [2], labels=True, true_density=Recorder(), n=3)
+    assert seen == [((9, 2), (9,), [2])]
+
+
+@pytest.mark.parametrize(
+    ("contexts", "kw", "match"),
+    [
+        ([], {}, "contexts is empty"),
+        (torch.empty(0), {}, "contexts is empty"),
+        (0.5, {}, "sequence of contexts"),
+        ("c", {}, "sequence of contexts"),
+        (torch.zeros(2, 1, 1), {}, r"shape \(k,\) or \(k, C\)"),
+        ([0.5], {"labels": True}, "must be an int label"),
+        ([True], {}, "not the bool"),
+        (["a"], {}, "number, a tensor or an array"),
+        ([torch.tensor([1, 2])], {}, "one integer"),
+        ([torch.zeros(2, 1)], {}, r"vector context has shape \(C,\)"),
+        ([torch.tensor(True)], {}, "integers .a label. or real numbers"),
+        ([0.5, 1.0], {"titles": ["one"]}, "2 strings"),
+        ([0.5], {"true_density": object()}, "log_density"),
+        ([0.5], {"n": 1}, "n must be"),
+        ([0.5], {"lim": -1.0}, "lim"),
+    ],
+)
+def test_bad_contexts_and_options_are_refused(vector, contexts, kw, match):
+    with pytest.raises(ValueError, match=match):
+        plot.plot_conditional_densities(vector, contexts, **kw)
+
+
+def test_conditional_densities_need_a_2d_flow():
+    with pytest.raises(ValueError, match=r"event_shape must be \(2,\)"):
+        plot.plot_conditional_densities(_images(), [0], labels=True)
+    with pytest.raises(ValueError, match="cnf.flow.Flow"):
+        plot.plot_conditional_densities(torch.nn.Linear(2, 2), [0.5])
+
+
+def test_a_true_density_of_the_wrong_shape_is_refused(vector):
+    class Flat:
+        def log_density(self, x, c):
+            return np.zeros(3)
+
+    with pytest.raises(ValueError, match=r"to \(m,\)"):
+        plot.plot_conditional_densities(vector, [0.5], true_density=Flat(), n=3)
