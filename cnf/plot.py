@@ -1,6 +1,7 @@
 r"""Pictures of 2-D flows: densities, samples, trajectories, an animation, training curves;
 pair plots of tables; conditional flows: densities at several contexts
-(:func:`plot_conditional_densities`).
+(:func:`plot_conditional_densities`), samples per class of image flows
+(:func:`plot_class_samples`).
 
 Every function returns a :class:`matplotlib.figure.Figure` (except :func:`animate_flow`, which
 writes a GIF and returns its path). The figures are built with the object-oriented API and are
@@ -55,6 +56,7 @@ from .settings import check_choice
 __all__ = [
     "animate_flow",
     "density_grid",
+    "plot_class_samples",
     "plot_conditional_densities",
     "plot_curves",
     "plot_density",
@@ -909,6 +911,15 @@ def _tile(images: np.ndarray, ncol: int) -> np.ndarray:
     return canvas
 
 
+def _show_tiles(ax, images: np.ndarray, ncol: int) -> None:
+    """Images ``(n, C, H, W)`` in [0, 1] tiled ``ncol`` to a row (:func:`_tile`), on ``ax``."""
+    grid = _tile(images, ncol)
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+
+
 def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "data")) -> Figure:
     """A grid of image samples, beside a grid of reference images (e.g. test images) if given.
 
@@ -937,14 +948,111 @@ def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "d
     fig = Figure(figsize=(_PANEL * len(arrays), _PANEL), layout="compressed")
     for k, a in enumerate(arrays):
         ax = fig.add_subplot(1, len(arrays), k + 1)
-        grid = _tile(a, min(ncol, a.shape[0]))
-        if grid.shape[-1] == 1:
-            ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        else:
-            ax.imshow(grid, interpolation="nearest")
+        _show_tiles(ax, a, min(ncol, a.shape[0]))
         ax.set_axis_off()
         ax.set_title(f"{titles[k]} ({a.shape[0]})")
     return fig
+
+
+def _check_image_model(model) -> tuple[int, ...]:
+    """The ``(C, H, W)`` event shape of a flow of images, ``C`` 1 or 3; else a ValueError."""
+    if not isinstance(model, Flow):
+        raise ValueError(f"model must be a cnf.flow.Flow of images, got {type(model).__name__}")
+    shape = tuple(model.event_shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(
+            f"class samples are images: model.event_shape must be (C, H, W) with C = 1 or 3, "
+            f"got {shape}"
+        )
+    return shape
+
+
+def _class_labels(classes) -> list[int]:
+    """``classes``: an int ``K`` (labels ``0..K-1``) or a non-empty 1-D sequence of labels."""
+    if isinstance(classes, int | np.integer) and not isinstance(classes, bool):
+        return list(range(_check_int("classes", classes, 1)))
+    array = isinstance(classes, Tensor | np.ndarray)
+    if isinstance(classes, str) or not (array or isinstance(classes, Sequence)):
+        raise ValueError(f"classes must be an int K or a sequence of labels, got {classes!r}")
+    if array and np.ndim(classes) != 1:
+        raise ValueError(f"classes must be 1-D labels, got shape {tuple(classes.shape)}")
+    labels = classes.tolist() if array else list(classes)
+    if not labels:
+        raise ValueError("classes is empty: give at least one label (or an int K >= 1)")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+            raise ValueError(f"class labels must be ints >= 0, got {label!r}")
+    return [int(label) for label in labels]
+
+
+def _class_rows(model: Flow, labels: list[int], per_class: int, generator, kw: dict) -> list:
+    """``per_class`` samples ``(per_class, C, H, W)`` per label, clipped to [0, 1], in order
+    (one ``generator`` drawn from row after row)."""
+    _, device = _dtype_device(model)
+    rows = []
+    with torch.no_grad():
+        for label in labels:
+            context = torch.full((per_class,), label, dtype=torch.long, device=device)
+            x = model.sample(per_class, context=context, generator=generator, **kw)
+            rows.append(np.clip(x.double().cpu().numpy(), 0.0, 1.0))
+    return rows
+
+
+def _class_figure(rows: list, titles: list[str]) -> Figure:
+    """One axes per row of images, its title at the left."""
+    per_class, _, h, w = rows[0].shape
+    size = (0.6 * per_class + 1.0, 0.6 * len(rows) * h / w + 0.3)
+    fig = Figure(figsize=size, layout="compressed")
+    for ax, images, title in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows, titles):
+        _show_tiles(ax, images, per_class)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(title, rotation=0, ha="right", va="center")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    return fig
+
+
+def plot_class_samples(
+    model: Flow,
+    classes,
+    *,
+    per_class: int = 8,
+    generator: torch.Generator | None = None,
+    titles: Sequence[str] | None = None,
+    **solver_kw,
+) -> Figure:
+    """Samples of a class-conditional image flow: one row of ``per_class`` images per label.
+
+    Row ``k`` is ``model.sample(per_class, context=torch.full((per_class,), labels[k]),
+    generator=generator)`` (under :func:`torch.no_grad`, rows drawn in order from the one
+    generator), clipped to ``[0, 1]`` and tiled like :func:`plot_images`, its title at its left.
+
+    Args:
+        model: a class-conditional :class:`cnf.flow.Flow` of images, ``event_shape == (C, H, W)``
+            with ``C`` 1 or 3 and values in ``[0, 1]``, e.g. a ``DenseImageCNF`` built with
+            ``context={"classes": 10}``.
+        classes: an int ``K`` (labels ``0..K-1``) or a sequence (or 1-D tensor) of labels.
+        per_class: samples per label, >= 1.
+        generator: the random generator of the base points (and Hutchinson probes); None: the
+            global one.
+        titles: a title per row; default ``"label 3"``.
+        **solver_kw: per-call solver settings, e.g. ``rtol=1e-5, atol=1e-5``.
+
+    Returns:
+        A figure of one axes per label, each holding one tiled image ``(H, per_class (W + 1) - 1)``
+        (grayscale) or ``(H, per_class (W + 1) - 1, 3)``.
+
+    Raises:
+        ValueError: for a model that is not a flow of images, empty or non-integer ``classes``,
+            a bad ``per_class`` or wrong titles (the model checks the labels' range).
+    """
+    _check_image_model(model)
+    labels = _class_labels(classes)
+    per_class = _check_int("per_class", per_class, 1)
+    titles = _titles(titles, len(labels), [f"label {label}" for label in labels])
+    rows = _class_rows(model, labels, per_class, generator, solver_kw)
+    return _class_figure(rows, titles)
 
 
 # ---------------------------------------------------------------------------- pair plots

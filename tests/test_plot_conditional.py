@@ -219,3 +219,76 @@ def test_a_true_density_of_the_wrong_shape_is_refused(vector):
 
     with pytest.raises(ValueError, match=r"to \(m,\)"):
         plot.plot_conditional_densities(vector, [0.5], true_density=Flat(), n=3)
+
+
+# ---------------------------------------------------------------------------- class samples
+
+
+def _tiled(images: np.ndarray) -> np.ndarray:
+    """One row of ``(k, C, H, W)`` images with 1-pixel white gaps: ``(H, k (W + 1) - 1[, C])``."""
+    k, c, h, w = images.shape
+    canvas = np.ones((h, k * (w + 1) - 1, c))
+    for i in range(k):
+        canvas[:, i * (w + 1) : i * (w + 1) + w] = images[i].transpose(1, 2, 0)
+    return canvas[..., 0] if c == 1 else canvas
+
+
+def test_class_rows_are_the_seeded_samples_per_label_clipped(tmp_path):
+    model = _images()  # no logit: the samples leave [0, 1], so the clipping shows
+    labels, per_class = [2, 0], 4
+    fig = plot.plot_class_samples(
+        model, labels, per_class=per_class, generator=torch.Generator().manual_seed(3)
+    )
+    _rendered(fig, 2, tmp_path)
+    generator = torch.Generator().manual_seed(3)  # the rows draw from it in turn
+    clipped = False
+    for ax, label in zip(fig.axes, labels):
+        with torch.no_grad():
+            x = model.sample(per_class, context=torch.tensor(label), generator=generator)
+        x = x.numpy()
+        clipped |= bool((x < 0).any() or (x > 1).any())
+        expected = _tiled(np.clip(x, 0.0, 1.0))
+        np.testing.assert_allclose(ax.images[0].get_array(), expected, rtol=0, atol=1e-8)
+        assert ax.get_ylabel() == f"label {label}"
+    assert clipped
+
+
+def test_class_samples_of_k_classes_in_colour_with_titles(tmp_path):
+    model = _images(classes=3, alpha=0.05, shape=(3, 2, 2))
+    fig = plot.plot_class_samples(model, 3, per_class=2, titles=["cat", "dog", "owl"])
+    _rendered(fig, 3, tmp_path)
+    assert [ax.get_ylabel() for ax in fig.axes] == ["cat", "dog", "owl"]
+    assert fig.axes[0].images[0].get_array().shape == (2, 5, 3)
+    fig = plot.plot_class_samples(model, torch.tensor([1]), per_class=1)
+    _rendered(fig, 1, tmp_path)
+    assert fig.axes[0].get_ylabel() == "label 1"
+
+
+@pytest.mark.parametrize(
+    ("classes", "kw", "match"),
+    [
+        (0, {}, "classes must be an int >= 1"),
+        ([], {}, "classes is empty"),
+        ("abc", {}, "int K or a sequence"),
+        ([1.5], {}, "ints >= 0"),
+        ([True], {}, "ints >= 0"),
+        ([-1], {}, "ints >= 0"),
+        (torch.tensor(2), {}, "1-D labels"),
+        (2, {"per_class": 0}, "per_class must be an int >= 1"),
+        (2, {"per_class": 2.0}, "per_class must be an int >= 1"),
+        (2, {"titles": ["one"]}, "2 strings"),
+        ([5], {}, "outside"),  # the model's own check of the label range
+    ],
+)
+def test_bad_classes_and_options_are_refused(classes, kw, match):
+    with pytest.raises(ValueError, match=match):
+        plot.plot_class_samples(_images(), classes, **kw)
+
+
+def test_class_samples_need_a_flow_of_images(labelled):
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        plot.plot_class_samples(labelled, 3)
+    with pytest.raises(ValueError, match=r"\(C, H, W\)"):
+        plot.plot_class_samples(_images(shape=(2, 2, 2)), 3)
+    with pytest.raises(ValueError, match="Flow of images"):
+        plot.plot_class_samples(torch.nn.Linear(2, 2), 3)
