@@ -1,5 +1,7 @@
 r"""Pictures of 2-D flows: densities, samples, trajectories, an animation, training curves;
-pair plots of tables.
+pair plots of tables; conditional flows: densities at several contexts
+(:func:`plot_conditional_densities`), samples per class of image flows
+(:func:`plot_class_samples`).
 
 Every function returns a :class:`matplotlib.figure.Figure` (except :func:`animate_flow`, which
 writes a GIF and returns its path). The figures are built with the object-oriented API and are
@@ -54,6 +56,8 @@ from .settings import check_choice
 __all__ = [
     "animate_flow",
     "density_grid",
+    "plot_class_samples",
+    "plot_conditional_densities",
     "plot_curves",
     "plot_density",
     "plot_images",
@@ -114,11 +118,25 @@ def _grid(lim: float, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return xx, yy, np.stack([xx.ravel(), yy.ravel()], axis=1)
 
 
-def _log_prob(model: Flow, points: np.ndarray, batch: int, solver_kw: dict) -> np.ndarray:
+def _on_model(context: Tensor | None, model: Flow) -> Tensor | None:
+    """``context`` on the model's device, real numbers in its dtype (labels stay integers)."""
+    if context is None:
+        return None
+    if not isinstance(context, Tensor):
+        raise ValueError(f"context must be a tensor or None, got {type(context).__name__}")
+    dtype, device = _dtype_device(model)
+    return context.to(device=device, dtype=dtype if context.is_floating_point() else None)
+
+
+def _log_prob(
+    model: Flow, points: np.ndarray, batch: int, solver_kw: dict, context: Tensor | None = None
+) -> np.ndarray:
+    """``log p`` of ``points`` ``(m, 2)`` in chunks of ``batch``; one ``context`` for all."""
     dtype, device = _dtype_device(model)
     x = torch.as_tensor(points, dtype=dtype, device=device)
+    kw = solver_kw if context is None else {**solver_kw, "context": _on_model(context, model)}
     with torch.no_grad():
-        logp = torch.cat([model.log_prob(chunk, **solver_kw) for chunk in x.split(batch)])
+        logp = torch.cat([model.log_prob(chunk, **kw) for chunk in x.split(batch)])
     return logp.double().cpu().numpy()
 
 
@@ -129,13 +147,16 @@ def density_grid(
     batch: int = 8192,
     *,
     trace: str = "exact",
+    context: Tensor | None = None,
     **solver_kw,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""The model's log-density on a regular ``n x n`` grid over :math:`[-lim, lim]^2`.
 
     The grid nodes are ``np.linspace(-lim, lim, n)`` along each axis, so
     ``np.exp(logp).sum() * (2 * lim / (n - 1)) ** 2`` approximates
-    :math:`\int p(x)\,dx` over the square (about 1 when the square holds the mass).
+    :math:`\int p(x)\,dx` over the square (about 1 when the square holds the mass). For a
+    conditional flow, ``context`` gives :math:`\log p(x \mid c)` at one context for the whole
+    grid.
 
     Args:
         model: a :class:`cnf.flow.Flow` with ``event_shape == (2,)``.
@@ -143,6 +164,10 @@ def density_grid(
         n: nodes per axis, >= 2.
         batch: points per call of ``model.log_prob`` (bounds memory), >= 1.
         trace: the trace estimator; exact by default (see the module docstring).
+        context: None (an unconditional flow), or one context broadcast to every grid point,
+            as ``model.log_prob(x, context=...)`` takes it: a 0-dim integer tensor (a label) or
+            a ``(C,)`` vector tensor (moved to the model's device, real numbers cast to its
+            dtype).
         **solver_kw: other per-call solver settings, e.g. ``rtol=1e-5, atol=1e-5``.
 
     Returns:
@@ -151,14 +176,15 @@ def density_grid(
         rows) and ``logp[i, j]`` is :math:`\log p` there.
 
     Raises:
-        ValueError: for a model that is not a 2-D flow or a bad ``lim``, ``n`` or ``batch``.
+        ValueError: for a model that is not a 2-D flow, a bad ``lim``, ``n`` or ``batch``, or
+            a context that is not a tensor (the model checks the rest).
     """
     _check_model(model)
     lim = positive("lim", lim)
     n = _check_int("n", n, 2)
     batch = _check_int("batch", batch, 1)
     xx, yy, points = _grid(lim, n)
-    logp = _log_prob(model, points, batch, {"trace": trace, **solver_kw})
+    logp = _log_prob(model, points, batch, {"trace": trace, **solver_kw}, context)
     return xx, yy, logp.reshape(n, n)
 
 
@@ -415,6 +441,173 @@ def plot_samples(
         _points_panel(axes[0], data, kind, lim, bins, cmap, f"data ({len(data)} points)")
     _points_panel(axes[-1], samples, kind, lim, bins, cmap, f"model ({len(samples)} samples)")
     return fig
+
+
+# ---------------------------------------------------------------------------- conditional densities
+
+
+def _one_context(item, labels: bool, model: Flow) -> Tensor:
+    """One entry of ``contexts`` as the tensor ``log_prob`` broadcasts: a 0-dim long label or a
+    ``(C,)`` vector in the model's dtype (the rule is in :func:`plot_conditional_densities`)."""
+    if isinstance(item, bool | np.bool_):
+        raise ValueError(f"a context must be a number or a tensor, not the bool {item!r}")
+    if isinstance(item, int | np.integer | float | np.floating):
+        if labels and not isinstance(item, int | np.integer):
+            raise ValueError(f"labels=True: every context must be an int label, got {item!r}")
+        item = torch.tensor(int(item)) if labels else torch.tensor([float(item)])
+    elif not isinstance(item, Tensor | np.ndarray):
+        raise ValueError(
+            f"a context must be a number, a tensor or an array, got {type(item).__name__}"
+        )
+    c = torch.as_tensor(item)
+    if c.dtype == torch.bool or c.is_complex():
+        raise ValueError(f"a context must be integers (a label) or real numbers, got {c.dtype}")
+    if not c.is_floating_point():
+        if c.dim() != 0:
+            raise ValueError(f"a label context is one integer (0-dim), got shape {tuple(c.shape)}")
+        return _on_model(c.long(), model)
+    if c.dim() > 1:
+        raise ValueError(f"a vector context has shape (C,), got shape {tuple(c.shape)}")
+    return _on_model(c.reshape(-1), model)
+
+
+def _contexts(contexts, labels: bool, model: Flow) -> list[Tensor]:
+    """``contexts`` as a non-empty list of single contexts (tensor rows, or list entries)."""
+    if isinstance(contexts, str) or not isinstance(contexts, Sequence | Tensor | np.ndarray):
+        raise ValueError(
+            f"contexts must be a sequence of contexts or a tensor of shape (k,) or (k, C), got "
+            f"{type(contexts).__name__}; for one context pass a list of one"
+        )
+    if isinstance(contexts, Tensor | np.ndarray) and np.ndim(contexts) not in (1, 2):
+        raise ValueError(
+            f"a tensor of contexts must have shape (k,) or (k, C), got {tuple(contexts.shape)}"
+        )
+    if len(contexts) == 0:
+        raise ValueError("contexts is empty: give at least one context to draw")
+    return [_one_context(item, labels, model) for item in contexts]
+
+
+def _context_title(c: Tensor) -> str:
+    """``"label 3"``, ``"c = 0.5"`` or ``"c = (0.5, 1)"``."""
+    if not c.is_floating_point():
+        return f"label {int(c)}"
+    values = [f"{v:g}" for v in c.tolist()]
+    return f"c = {values[0]}" if len(values) == 1 else f"c = ({', '.join(values)})"
+
+
+def _titles(titles, k: int, default: list[str]) -> list[str]:
+    """``titles`` as ``k`` strings (one per panel or row); None: ``default``."""
+    if titles is None:
+        return default
+    if isinstance(titles, str) or not isinstance(titles, Sequence) or len(titles) != k:
+        raise ValueError(f"titles must be a sequence of {k} strings, one each, got {titles!r}")
+    return [str(title) for title in titles]
+
+
+def _true_conditional_log_density(true_density, points: np.ndarray, c: Tensor) -> np.ndarray:
+    """``true_density.log_density(points, contexts)`` at one context given to every point:
+    labels as ``(m,)`` integers, vectors as ``(m, C)`` rows; checked to be ``(m,)``."""
+    m, value = len(points), c.detach().cpu().numpy()
+    rows = np.full(m, int(value)) if value.ndim == 0 else np.tile(value.astype(np.float64), (m, 1))
+    truth = np.asarray(true_density.log_density(points, rows), np.float64)
+    if truth.shape != (m,):
+        raise ValueError(
+            f"true_density.log_density must map points (m, 2) and contexts to (m,), got shape "
+            f"{truth.shape} for m = {m}"
+        )
+    return truth
+
+
+def _check_conditional_truth(true_density) -> None:
+    if true_density is not None and not callable(getattr(true_density, "log_density", None)):
+        raise ValueError(
+            f"true_density must have a log_density(points, contexts) method (e.g. "
+            f"cnf.data.conditional_density(name)), got {type(true_density).__name__}"
+        )
+
+
+def _true_densities(true_density, cs: list[Tensor], lim: float, n: int) -> list[np.ndarray]:
+    """The closed-form density on the ``n x n`` grid at each context, ``(n, n)`` each."""
+    points = _grid(lim, n)[2]
+    logs = [_true_conditional_log_density(true_density, points, c) for c in cs]
+    return [np.exp(log_density).reshape(n, n) for log_density in logs]
+
+
+def _conditional_figure(models: list, truths: list | None, lim: float, titles: list[str]):
+    """A row of model densities, above a row of true densities sharing each column's scale."""
+    k, rows = len(models), 1 if truths is None else 2
+    fig = _new_figure(k, height=_PANEL * rows)
+    axes = fig.subplots(rows, k, squeeze=False)
+    for j in range(k):
+        image = _image(axes[0, j], models[j], lim, "viridis", titles[j])
+        if truths is not None:
+            truth = _image(axes[1, j], truths[j], lim, "viridis", titles[j])
+            vmax = max(float(models[j].max()), float(truths[j].max()), 1e-300)
+            image.set_clim(0.0, vmax)
+            truth.set_clim(0.0, vmax)
+    if truths is not None:
+        axes[0, 0].set_ylabel("model density")
+        axes[1, 0].set_ylabel("true density")
+    return fig
+
+
+def plot_conditional_densities(
+    model: Flow,
+    contexts,
+    *,
+    true_density=None,
+    labels: bool = False,
+    lim: float = 4.0,
+    n: int = 200,
+    batch: int = 8192,
+    trace: str = "exact",
+    titles: Sequence[str] | None = None,
+    **solver_kw,
+) -> Figure:
+    r"""The conditional density :math:`p(x \mid c)` of a 2-D flow at several contexts, in a row.
+
+    Panel ``j`` is ``exp`` of :func:`density_grid` with ``context=contexts[j]``, one context for
+    the whole grid; with ``true_density`` a second row draws the closed-form density at the same
+    contexts, each column's two panels on one colour scale from 0 (the model row alone: each
+    panel on its own scale).
+
+    Args:
+        model: a conditional :class:`cnf.flow.Flow` with ``event_shape == (2,)``.
+        contexts: ``k >= 1`` contexts, each one turned into a tensor by one rule:
+
+            * a tensor or array is taken by its dtype: integers are a label (0-dim only), real
+              numbers a vector ``(C,)`` (a 0-dim one is a vector of one feature);
+            * a plain number is a vector of one feature (``0.5`` gives ``tensor([0.5])``) ...
+            * ... unless ``labels=True``: then it is a label (an int; a float is refused).
+
+            Given as a list (e.g. ``[-1, -0.5, 0, 0.5, 1]``, ``[torch.tensor(3)]``), or as a
+            tensor whose rows are the contexts: ``(k,)`` (e.g. ``torch.arange(3)``: labels;
+            ``torch.linspace(-1, 1, 5)``: vectors of one feature) or ``(k, C)``.
+        true_density: None, or an object with ``log_density(points, contexts)`` taking points
+            ``(m, 2)`` and a context per point (labels ``(m,)``, vectors ``(m, C)``) and
+            returning ``(m,)``, e.g. ``cnf.data.conditional_density("rotating")``.
+        labels: read plain numbers in ``contexts`` as class labels.
+        lim, n, batch, trace: the square, grid nodes per axis, points per solve and trace
+            estimator of :func:`density_grid`.
+        titles: a title per context; default ``"label 3"``, ``"c = 0.5"``, ``"c = (0.5, 1)"``.
+        **solver_kw: other per-call solver settings.
+
+    Returns:
+        A figure of ``k`` (or ``2 k`` with ``true_density``) square panels.
+
+    Raises:
+        ValueError: for a model that is not a 2-D flow, empty or malformed ``contexts``, a
+            ``true_density`` without ``log_density``, wrong titles or bad sizes.
+    """
+    _check_model(model)
+    lim, n = positive("lim", lim), _check_int("n", n, 2)
+    cs = _contexts(contexts, labels, model)
+    titles = _titles(titles, len(cs), [_context_title(c) for c in cs])
+    _check_conditional_truth(true_density)
+    kw = {"trace": trace, **solver_kw}
+    models = [np.exp(density_grid(model, lim, n, batch, context=c, **kw)[2]) for c in cs]
+    truths = None if true_density is None else _true_densities(true_density, cs, lim, n)
+    return _conditional_figure(models, truths, lim, titles)
 
 
 def _time_segments(path: np.ndarray, t: np.ndarray, cmap: str) -> LineCollection:
@@ -718,6 +911,15 @@ def _tile(images: np.ndarray, ncol: int) -> np.ndarray:
     return canvas
 
 
+def _show_tiles(ax, images: np.ndarray, ncol: int) -> None:
+    """Images ``(n, C, H, W)`` in [0, 1] tiled ``ncol`` to a row (:func:`_tile`), on ``ax``."""
+    grid = _tile(images, ncol)
+    if grid.shape[-1] == 1:
+        ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
+    else:
+        ax.imshow(grid, interpolation="nearest")
+
+
 def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "data")) -> Figure:
     """A grid of image samples, beside a grid of reference images (e.g. test images) if given.
 
@@ -746,14 +948,111 @@ def plot_images(samples, reference=None, *, ncol: int = 8, titles=("samples", "d
     fig = Figure(figsize=(_PANEL * len(arrays), _PANEL), layout="compressed")
     for k, a in enumerate(arrays):
         ax = fig.add_subplot(1, len(arrays), k + 1)
-        grid = _tile(a, min(ncol, a.shape[0]))
-        if grid.shape[-1] == 1:
-            ax.imshow(grid[..., 0], cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest")
-        else:
-            ax.imshow(grid, interpolation="nearest")
+        _show_tiles(ax, a, min(ncol, a.shape[0]))
         ax.set_axis_off()
         ax.set_title(f"{titles[k]} ({a.shape[0]})")
     return fig
+
+
+def _check_image_model(model) -> tuple[int, ...]:
+    """The ``(C, H, W)`` event shape of a flow of images, ``C`` 1 or 3; else a ValueError."""
+    if not isinstance(model, Flow):
+        raise ValueError(f"model must be a cnf.flow.Flow of images, got {type(model).__name__}")
+    shape = tuple(model.event_shape)
+    if len(shape) != 3 or shape[0] not in (1, 3):
+        raise ValueError(
+            f"class samples are images: model.event_shape must be (C, H, W) with C = 1 or 3, "
+            f"got {shape}"
+        )
+    return shape
+
+
+def _class_labels(classes) -> list[int]:
+    """``classes``: an int ``K`` (labels ``0..K-1``) or a non-empty 1-D sequence of labels."""
+    if isinstance(classes, int | np.integer) and not isinstance(classes, bool):
+        return list(range(_check_int("classes", classes, 1)))
+    array = isinstance(classes, Tensor | np.ndarray)
+    if isinstance(classes, str) or not (array or isinstance(classes, Sequence)):
+        raise ValueError(f"classes must be an int K or a sequence of labels, got {classes!r}")
+    if array and np.ndim(classes) != 1:
+        raise ValueError(f"classes must be 1-D labels, got shape {tuple(classes.shape)}")
+    labels = classes.tolist() if array else list(classes)
+    if not labels:
+        raise ValueError("classes is empty: give at least one label (or an int K >= 1)")
+    for label in labels:
+        if isinstance(label, bool) or not isinstance(label, int | np.integer) or label < 0:
+            raise ValueError(f"class labels must be ints >= 0, got {label!r}")
+    return [int(label) for label in labels]
+
+
+def _class_rows(model: Flow, labels: list[int], per_class: int, generator, kw: dict) -> list:
+    """``per_class`` samples ``(per_class, C, H, W)`` per label, clipped to [0, 1], in order
+    (one ``generator`` drawn from row after row)."""
+    _, device = _dtype_device(model)
+    rows = []
+    with torch.no_grad():
+        for label in labels:
+            context = torch.full((per_class,), label, dtype=torch.long, device=device)
+            x = model.sample(per_class, context=context, generator=generator, **kw)
+            rows.append(np.clip(x.double().cpu().numpy(), 0.0, 1.0))
+    return rows
+
+
+def _class_figure(rows: list, titles: list[str]) -> Figure:
+    """One axes per row of images, its title at the left."""
+    per_class, _, h, w = rows[0].shape
+    size = (0.6 * per_class + 1.0, 0.6 * len(rows) * h / w + 0.3)
+    fig = Figure(figsize=size, layout="compressed")
+    for ax, images, title in zip(fig.subplots(len(rows), 1, squeeze=False)[:, 0], rows, titles):
+        _show_tiles(ax, images, per_class)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(title, rotation=0, ha="right", va="center")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+    return fig
+
+
+def plot_class_samples(
+    model: Flow,
+    classes,
+    *,
+    per_class: int = 8,
+    generator: torch.Generator | None = None,
+    titles: Sequence[str] | None = None,
+    **solver_kw,
+) -> Figure:
+    """Samples of a class-conditional image flow: one row of ``per_class`` images per label.
+
+    Row ``k`` is ``model.sample(per_class, context=torch.full((per_class,), labels[k]),
+    generator=generator)`` (under :func:`torch.no_grad`, rows drawn in order from the one
+    generator), clipped to ``[0, 1]`` and tiled like :func:`plot_images`, its title at its left.
+
+    Args:
+        model: a class-conditional :class:`cnf.flow.Flow` of images, ``event_shape == (C, H, W)``
+            with ``C`` 1 or 3 and values in ``[0, 1]``, e.g. a ``DenseImageCNF`` built with
+            ``context={"classes": 10}``.
+        classes: an int ``K`` (labels ``0..K-1``) or a sequence (or 1-D tensor) of labels.
+        per_class: samples per label, >= 1.
+        generator: the random generator of the base points (and Hutchinson probes); None: the
+            global one.
+        titles: a title per row; default ``"label 3"``.
+        **solver_kw: per-call solver settings, e.g. ``rtol=1e-5, atol=1e-5``.
+
+    Returns:
+        A figure of one axes per label, each holding one tiled image ``(H, per_class (W + 1) - 1)``
+        (grayscale) or ``(H, per_class (W + 1) - 1, 3)``.
+
+    Raises:
+        ValueError: for a model that is not a flow of images, empty or non-integer ``classes``,
+            a bad ``per_class`` or wrong titles (the model checks the labels' range).
+    """
+    _check_image_model(model)
+    labels = _class_labels(classes)
+    per_class = _check_int("per_class", per_class, 1)
+    titles = _titles(titles, len(labels), [f"label {label}" for label in labels])
+    rows = _class_rows(model, labels, per_class, generator, solver_kw)
+    return _class_figure(rows, titles)
 
 
 # ---------------------------------------------------------------------------- pair plots
