@@ -43,12 +43,17 @@ class Table:
         columns: a name per column: the CSV header's, else ``x0, x1, ...``.
         path: the file.
         dropped: rows dropped for holding NaN, Inf or a missing value (``drop_nonfinite``).
+        contexts: float64 array ``(n, C)`` of the context columns (a conditional model's
+            ``c`` of p(x | c)), row by row with ``values``; None without them.
+        context_columns: their names.
     """
 
     values: np.ndarray
     columns: tuple[str, ...]
     path: str
     dropped: int = 0
+    contexts: np.ndarray | None = None
+    context_columns: tuple[str, ...] = ()
 
 
 def read_table(
@@ -56,6 +61,7 @@ def read_table(
     *,
     columns: Sequence[str | int] | None = None,
     drop_nonfinite: bool = False,
+    context_columns: Sequence[str | int] | None = None,
 ) -> Table:
     """Read a file of rows (one point per row) as a float64 table.
 
@@ -64,13 +70,16 @@ def read_table(
             one array (or one named ``data``), a ``.csv`` / ``.tsv`` file (a header line is
             recognised by its non-numeric cells; delimiter ``,``, ``;`` or tab) or a ``.pt``
             tensor (or a dict holding one tensor, or one named ``data``).
-        columns: the columns to keep, by header name or 0-based index (default: all); pick the
-            numeric columns of a file that also holds text.
+        columns: the columns to keep, by header name or 0-based index (default: all but the
+            context columns); pick the numeric columns of a file that also holds text.
         drop_nonfinite: drop rows holding NaN, Inf or a missing value, instead of refusing them.
+        context_columns: columns (names or indices) that are the context of a conditional
+            model rather than data, returned as :attr:`Table.contexts`.
 
     Raises:
         ValueError: an unknown suffix, an unreadable file, a non-numeric column, NaN or Inf
-            (naming the first bad row and column), no rows left, or an unknown column.
+            (naming the first bad row and column), no rows left, an unknown column, or a
+            column that is both data and context.
     """
     path = Path(path)
     if not path.is_file():
@@ -84,10 +93,18 @@ def read_table(
             f"{', '.join(FILE_SUFFIXES)} file"
         )
     cells, names, lines = readers[suffix](path)
-    cells, names = _pick(cells, names, columns, path)
+    chosen, context = _chosen(names, columns, context_columns, path)
+    cells, names = cells[:, chosen + context], [names[i] for i in chosen + context]
     where = _RowNames(lines)
     values = _numeric(cells, names, path, where)
-    return _finite(values, names, path, drop_nonfinite, where)
+    table = _finite(values, names, path, drop_nonfinite, where)
+    if not context:
+        return table
+    k = len(chosen)
+    return Table(
+        table.values[:, :k], table.columns[:k], table.path, table.dropped,
+        contexts=table.values[:, k:], context_columns=table.columns[k:],
+    )  # fmt: skip
 
 
 def load_file(
@@ -97,19 +114,28 @@ def load_file(
     columns: Sequence[str | int] | None = None,
     drop_nonfinite: bool = False,
     fractions: Sequence[float] = (0.8, 0.1, 0.1),
+    context_columns: Sequence[str | int] | None = None,
 ) -> TabularData:
     """:func:`read_table`, split into train, validation and test parts by ``seed``
-    (:func:`split_rows`; the same seed gives the same split)."""
-    table = read_table(path, columns=columns, drop_nonfinite=drop_nonfinite)
+    (:func:`split_rows`; the same seed gives the same split); with ``context_columns``, the
+    data of a conditional model (:attr:`TabularData.contexts`, split row by row)."""
+    table = read_table(
+        path, columns=columns, drop_nonfinite=drop_nonfinite, context_columns=context_columns
+    )
     idx = split_rows(len(table.values), seed, fractions)
     source = str(table.path) + (
         f", {table.dropped} rows with NaN/Inf dropped" * bool(table.dropped)
     )
+    contexts = None
+    if table.contexts is not None:
+        contexts = {part: table.contexts[i] for part, i in idx.items()}
     return TabularData(
         Path(path).stem,
         {part: table.values[i] for part, i in idx.items()},
         columns=table.columns,
         source=source,
+        contexts=contexts,
+        context_columns=table.context_columns,
     )
 
 
@@ -244,10 +270,26 @@ def _is_number(cell: str) -> bool:
         return cell.strip().lower() in _MISSING
 
 
-def _pick(cells: np.ndarray, names: list[str], columns, path: Path):
-    """The chosen columns of ``cells`` and their names."""
+def _chosen(names: list[str], columns, context_columns, path: Path) -> tuple[list, list]:
+    """The indices of the data columns and of the context columns."""
+    context = [] if context_columns is None else _indices(names, context_columns, path)
     if columns is None:
-        return cells, names
+        chosen = [i for i in range(len(names)) if i not in context]
+        if not chosen:
+            raise ValueError(f"{path}: every column is a context column; no data is left")
+        return chosen, context
+    chosen = _indices(names, columns, path)
+    both = [names[i] for i in chosen if i in context]
+    if both:
+        raise ValueError(
+            f"{path}: column(s) {', '.join(map(repr, both))} are both data and context; a "
+            "column is one or the other"
+        )
+    return chosen, context
+
+
+def _indices(names: list[str], columns, path: Path) -> list[int]:
+    """The indices of ``columns`` (names or 0-based indices) among ``names``."""
     columns = list(columns)
     if not columns:
         raise ValueError("columns is empty; name at least one column")
@@ -266,7 +308,7 @@ def _pick(cells: np.ndarray, names: list[str], columns, path: Path):
             raise ValueError(f"{path}: no column {c!r}; its columns are {', '.join(names)}")
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"columns {columns} name a column twice")
-    return cells[:, chosen], [names[i] for i in chosen]
+    return chosen
 
 
 def _numeric(cells: np.ndarray, names: list[str], path: Path, where: _RowNames) -> np.ndarray:

@@ -32,6 +32,10 @@ class TabularData:
         entropy: the data's differential entropy in nats where it is known (synthetic data),
             so that the gap of a model's NLL to it can be reported; else None.
         source: where the rows came from, for :meth:`describe`.
+        contexts: for a conditional model, each part's contexts ``(n, C)`` row by row with
+            its points (``parts``); :meth:`sampler` and :meth:`part` then give
+            ``(points, contexts)`` pairs. None: unconditional data.
+        context_columns: a name per context column (default ``c0, c1, ...``).
 
     Raises:
         ValueError: a part is missing, empty or not finite, or the parts' widths differ.
@@ -45,6 +49,8 @@ class TabularData:
         columns: Sequence[str] | None = None,
         entropy: float | None = None,
         source: str = "",
+        contexts: Mapping[str, np.ndarray | Tensor] | None = None,
+        context_columns: Sequence[str] | None = None,
     ):
         missing = [p for p in PARTS if p not in parts]
         if missing or set(parts) - set(PARTS):
@@ -63,6 +69,27 @@ class TabularData:
         self.columns = tuple(columns) if columns is not None else tuple(f"x{i}" for i in range(dim))
         if len(self.columns) != dim:
             raise ValueError(f"{name}: {len(self.columns)} column names for {dim} columns")
+        self.contexts, self.context_columns = None, ()
+        if contexts is not None:
+            self._set_contexts(contexts, context_columns)
+
+    def _set_contexts(self, contexts, names) -> None:
+        c = {p: torch.as_tensor(np.asarray(contexts[p]), dtype=torch.float64) for p in PARTS}
+        for p, values in c.items():
+            if values.dim() != 2 or len(values) != len(self.parts[p]):
+                raise ValueError(
+                    f"{self.name}: the {p} part's contexts must be (n, C) with its {len(values)} "
+                    f"rows, got {tuple(values.shape)}"
+                )
+        width = c["train"].shape[1]
+        self.contexts = c
+        self.context_columns = tuple(names or (f"c{i}" for i in range(width)))
+
+    @property
+    def embedding(self) -> dict | None:
+        """What a model of these data embeds: ``{"inputs": C}`` (the keywords of
+        :class:`cnf.context.ContextEmbedding`) for conditional data, else None."""
+        return None if self.contexts is None else {"inputs": self.contexts["train"].shape[1]}
 
     @property
     def dim(self) -> int:
@@ -75,20 +102,28 @@ class TabularData:
 
     def describe(self) -> str:
         sizes = " / ".join(f"{n} {part}" for part, n in self.sizes.items())
-        return f"{sizes} rows of {self.dim} columns" + (f", {self.source}" if self.source else "")
+        line = f"{sizes} rows of {self.dim} columns"
+        if self.contexts is not None:
+            line += f" given {len(self.context_columns)} context column(s)"
+        return line + (f", {self.source}" if self.source else "")
 
-    def sampler(self, translate: float | None = None) -> Tensor:
-        """The training rows: :func:`cnf.training.fit` shuffles them once per epoch."""
+    def sampler(self, translate: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """The training rows (with their contexts, for conditional data):
+        :func:`cnf.training.fit` shuffles them once per epoch."""
         if translate is not None:
             raise ValueError("--translate moves images by a pixel; it does not apply to tables")
-        return self.parts["train"]
+        return self.part("train")
 
-    def part(self, name: str, *, seed: int = 0, n: int | None = None) -> Tensor:
-        """The rows of part ``name`` (the first ``n`` if given); ``seed`` is unused, the split
-        being fixed when the data were loaded."""
+    def part(
+        self, name: str, *, seed: int = 0, n: int | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The rows of part ``name`` (the first ``n`` if given), or ``(rows, contexts)`` for
+        conditional data; ``seed`` is unused, the split being fixed when the data were loaded."""
         if name not in self.parts:
             raise ValueError(f"unknown part {name!r}; choose one of {list(PARTS)}")
-        return self.parts[name][:n]
+        if self.contexts is None:
+            return self.parts[name][:n]
+        return self.parts[name][:n], self.contexts[name][:n]
 
 
 def split_rows(
