@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from .data import (
     BENCHMARK_FILES,
     BENCHMARK_NAMES,
+    CONDITIONAL_NAMES,
     TabularData,
     load_benchmark,
     load_bundled,
@@ -53,6 +54,7 @@ __all__ = [
     "Evaluation",
     "STAGES",
     "FlowMatchingPlan",
+    "ConditionalDraws",
     "FreshDraws",
     "ImageSplits",
     "Recipe",
@@ -260,17 +262,21 @@ class Recipe:
 
         if self.kind == "tabular":
             settings["dim"] = data.dim
+        settings.setdefault("context", getattr(data, "embedding", None))
         make = self.flow_matching_spec if flow_matching else self.spec
         return self.fit_data_steps(build(make(**settings)), data)
 
     def fit_data_steps(self, model: nn.Module, data) -> nn.Module:
         """``model`` with its data-dependent steps fitted to ``data``'s training part: a
-        table's Standardize step (:func:`cnf.models.fit_standardization`, the columns named in
-        its errors); other kinds have none. Returns ``model``."""
+        table's Standardize step and the standardization of its context columns
+        (:func:`cnf.models.fit_standardization`, the columns named in its errors); other kinds
+        have none. Returns ``model``."""
         from .models import fit_standardization
+        from .training import split_context
 
         if self.kind == "tabular":
-            fit_standardization(model, data.part("train"), names=data.columns)
+            rows, contexts = split_context(data.part("train"))
+            fit_standardization(model, rows, names=data.columns, context=contexts)
         return model
 
     def fit_options(self, stage: str = "likelihood", **overrides: Any) -> dict[str, Any]:
@@ -344,21 +350,26 @@ class Recipe:
         seed: int = 0,
         batch_size: int | None = None,
     ) -> float:
-        """The evaluation metric of ``model`` on ``data``, lower is better: mean NLL in nats,
-        or bits/dim averaged over ``draws`` dequantizations (seeded by ``seed``).
+        """The evaluation metric of ``model`` on ``data`` (points, or ``(points, contexts)`` for
+        a conditional model), lower is better: mean NLL in nats, or bits/dim averaged over
+        ``draws`` dequantizations (seeded by ``seed``).
 
         ``tol`` (default :attr:`Evaluation.tol`), ``draws`` (default :attr:`Evaluation.draws`)
         and ``batch_size`` (default: the evaluator's) override the policy.
         """
-        from .training import evaluate_bits_per_dim, evaluate_nll
+        from .training import evaluate_bits_per_dim, evaluate_nll, split_context
 
         policy = self.evaluation
         tol = policy.tol if tol is None else tol
         solver = {"trace": policy.trace, "rtol": tol, "atol": tol}
         if batch_size is not None:
             solver["batch_size"] = batch_size
+        data, context = split_context(data)
+        ref = next(model.parameters())
+        if context is not None:  # labels stay integers; real contexts take the model's dtype
+            dtype = ref.dtype if context.is_floating_point() else context.dtype
+            solver["context"] = context.to(device=ref.device, dtype=dtype)
         if policy.metric == "nll":
-            ref = next(model.parameters())
             return evaluate_nll(model, data.to(device=ref.device, dtype=ref.dtype), **solver)
         draws = policy.draws if draws is None else draws
         return evaluate_bits_per_dim(model, data, self.levels, draws=draws, seed=seed, **solver)
@@ -486,25 +497,40 @@ class FreshDraws:
 
 
 class ImageSplits:
-    """An image data set's train, validation and test images, as integer levels (``uint8``)."""
+    """An image data set's train, validation and test images, as integer levels (``uint8``);
+    with ``conditional``, also their class labels: parts and batches are then
+    ``(images, labels)`` pairs, for a class-conditional model."""
 
     entropy = None
 
-    def __init__(self, recipe: Recipe, root: str | None = None, split_seed: int | None = None):
+    def __init__(
+        self,
+        recipe: Recipe,
+        root: str | None = None,
+        split_seed: int | None = None,
+        *,
+        conditional: bool = False,
+    ):
         from .data import load_images
 
         seed = recipe.split.seed if split_seed is None else split_seed
         holdout = recipe.split.holdout
         if holdout is None:
-            self.parts = {
-                part: load_images(recipe.name, root=root, split=part, seed=seed).images
+            loaded = {
+                part: load_images(recipe.name, root=root, split=part, seed=seed)
                 for part in ("train", "val", "test")
             }
+            self.parts = {part: d.images for part, d in loaded.items()}
+            labels = {part: d.labels for part, d in loaded.items()}
         else:
-            full = load_images(recipe.name, root=root, split="train", seed=seed).images
-            n_val = max(1, len(full) // holdout)
-            test = load_images(recipe.name, root=root, split="test", seed=seed).images
-            self.parts = {"train": full[:-n_val], "val": full[-n_val:], "test": test}
+            full = load_images(recipe.name, root=root, split="train", seed=seed)
+            n_val = max(1, len(full.images) // holdout)
+            test = load_images(recipe.name, root=root, split="test", seed=seed)
+            self.parts = {"train": full.images[:-n_val], "val": full.images[-n_val:]}
+            self.parts["test"] = test.images
+            labels = {"train": full.labels[:-n_val], "val": full.labels[-n_val:]}
+            labels["test"] = test.labels
+        self.labels = labels if conditional else None
         self.levels = recipe.levels
         self.augment = dict(recipe.augment)
 
@@ -512,23 +538,72 @@ class ImageSplits:
     def sizes(self) -> dict[str, int]:
         return {part: len(images) for part, images in self.parts.items()}
 
+    @property
+    def embedding(self) -> dict | None:
+        """``{"classes": K}`` for class-conditional data (the labels are ``0..K-1``), else None."""
+        if self.labels is None:
+            return None
+        return {"classes": int(max(int(y.max()) for y in self.labels.values())) + 1}
+
     def describe(self) -> str:
-        return " / ".join(f"{n} {part}" for part, n in self.sizes.items()) + " images"
+        sizes = " / ".join(f"{n} {part}" for part, n in self.sizes.items()) + " images"
+        return sizes + (" with their labels" if self.labels is not None else "")
 
     def sampler(self, translate: float | None = None) -> Sampler:
         """Dequantized training batches (:func:`cnf.training.image_sampler`), translated by a
-        pixel with probability ``translate`` (default: the recipe's augmentation)."""
+        pixel with probability ``translate`` (default: the recipe's augmentation); with their
+        labels for class-conditional data."""
         from .training import image_sampler
 
         options = {**self.augment, **({} if translate is None else {"translate": translate})}
-        return image_sampler(self.parts["train"], self.levels, **options)
+        labels = None if self.labels is None else self.labels["train"]
+        return image_sampler(self.parts["train"], self.levels, labels=labels, **options)
 
-    def part(self, name: str, *, seed: int = 0, n: int | None = None) -> Tensor:
-        """The images of part ``name`` (the first ``n`` if given); ``seed`` is unused, the
-        split being fixed when the data were loaded."""
+    def part(
+        self, name: str, *, seed: int = 0, n: int | None = None
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """The images of part ``name`` (the first ``n`` if given), with their labels for
+        class-conditional data; ``seed`` is unused, the split being fixed when loaded."""
         if name not in self.parts:
             raise ValueError(f"unknown part {name!r}; choose one of {sorted(self.parts)}")
-        return self.parts[name][:n]
+        if self.labels is None:
+            return self.parts[name][:n]
+        return self.parts[name][:n], self.labels[name][:n]
+
+
+class ConditionalDraws(FreshDraws):
+    """A conditional 2-D family (:mod:`cnf.data.conditional`): fresh ``(points, contexts)``
+    pairs, the context a number in [-1, 1] per point."""
+
+    embedding = MappingProxyType({"inputs": 1, "hidden": (32,), "features": 16})
+    """The context's embedding: the number through a small MLP (see the recipe's notes)."""
+
+    @property
+    def entropy(self) -> float:
+        """The expected conditional entropy :math:`E_c H(x \\mid c)` in nats."""
+        from .data import conditional_density
+
+        return conditional_density(self.name).entropy
+
+    def describe(self) -> str:
+        return "fresh (point, context) pairs"
+
+    def sampler(self, translate: float | None = None) -> Sampler:
+        """Fresh training pairs, ``sampler(n, generator) -> (points, contexts)``."""
+        from .data import conditional_sampler
+
+        if translate is not None:
+            raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
+        return conditional_sampler(self.name)
+
+    def part(self, name: str, *, seed: int = 0, n: int | None = None) -> tuple[Tensor, Tensor]:
+        """``n`` pairs (default: :attr:`Split.sizes` of ``name``) drawn with ``seed``, float64."""
+        from .data import sample_conditional
+
+        if n is None and name not in self.sizes:
+            raise ValueError(f"no default size for part {name!r} of {self.name}; pass n")
+        x, c = sample_conditional(self.name, self.sizes[name] if n is None else n, seed=seed)
+        return torch.from_numpy(x), torch.from_numpy(c)
 
 
 # --- the table ---------------------------------------------------------------------------------
@@ -651,7 +726,7 @@ def _files(name: str, shape: tuple[int, ...], sizes: dict[str, int]) -> list[Rec
     ]
 
 
-def _toy(name: str) -> Recipe:
+def _toy(name: str, loader=FreshDraws, flow_matching=_TOY_FLOW_MATCHING) -> Recipe:
     return Recipe(
         name,
         "mlp",
@@ -661,20 +736,39 @@ def _toy(name: str) -> Recipe:
         model=_frozen(trace="exact", rtol=1e-4, atol=1e-4),
         training=_TOY_TRAINING,
         evaluation=Evaluation(tol=1e-7),
-        loader=FreshDraws,
+        loader=loader,
         split=Split(sizes=_frozen(val=5000, test=20000)),
-        flow_matching=_TOY_FLOW_MATCHING,
+        flow_matching=flow_matching,
     )
 
 
+_CONDITIONAL_TOY_FLOW_MATCHING = FlowMatchingPlan(
+    training=_TOY_FLOW_MATCHING.training, finish=_TOY_FLOW_MATCHING.finish
+)
+# The 2-D plan without its OT coupling, which would pair points of different contexts.
+
+
 def _file_loader(
-    recipe: Recipe, root, split_seed, *, columns=None, drop_nonfinite: bool = False
+    recipe: Recipe,
+    root,
+    split_seed,
+    *,
+    columns=None,
+    drop_nonfinite: bool = False,
+    context_columns=None,
 ) -> TabularData:
-    """A user's file (``root``), split by ``split_seed`` (:func:`cnf.data.load_file`)."""
+    """A user's file (``root``), split by ``split_seed`` (:func:`cnf.data.load_file`); with
+    ``context_columns``, the data of a conditional model."""
     if root is None:
         raise ValueError("the file recipe reads a user's file: pass it, e.g. recipe.load('x.csv')")
     seed = recipe.split.seed if split_seed is None else split_seed
-    return load_file(root, seed=seed, columns=columns, drop_nonfinite=drop_nonfinite)
+    return load_file(
+        root,
+        seed=seed,
+        columns=columns,
+        drop_nonfinite=drop_nonfinite,
+        context_columns=context_columns,
+    )
 
 
 def _benchmark_loader(recipe: Recipe, root, split_seed) -> TabularData:
@@ -790,6 +884,10 @@ RECIPES: Mapping[tuple[str, str], Recipe] = MappingProxyType(
         (r.name, r.architecture): r
         for r in (
             *(_toy(name) for name in TOY_NAMES),
+            *(
+                _toy(name, ConditionalDraws, _CONDITIONAL_TOY_FLOW_MATCHING)
+                for name in CONDITIONAL_NAMES
+            ),
             _digits("dense", "exact"),
             _digits("multiscale", "hutchinson"),
             *_files("mnist", (1, 28, 28), {"train": 55000, "val": 5000, "test": 10000}),

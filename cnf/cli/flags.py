@@ -161,6 +161,7 @@ def _train_parser(sub) -> None:
         "(default: " + _by_data(lambda recipe: recipe.split.seed) + ")",
     )
     _table_flags(t)
+    _context_flags(t)
     t.add_argument("--out", help="output folder (default runs/<data>)")
     _model_flags(t)
     _training_flags(t)
@@ -209,6 +210,22 @@ def _table_flags(t: argparse.ArgumentParser) -> None:
         action="store_true",
         help="tables: no standardization step in the model (default: one, fitted to the "
         "training rows, so that densities are in the data's units whatever their scale)",
+    )
+
+
+def _context_flags(t: argparse.ArgumentParser) -> None:
+    """The flags of conditional models, p(x | c)."""
+    t.add_argument(
+        "--conditional",
+        action="store_true",
+        help="images: fit p(image | class label), a class-conditional model (the rotating "
+        "data are conditional by themselves; a file's contexts are --context-columns)",
+    )
+    t.add_argument(
+        "--context-columns",
+        type=_names,
+        help="a file's columns to condition on, by name or index, comma-separated: fit "
+        "p(other columns | these), a conditional model",
     )
 
 
@@ -387,6 +404,18 @@ def _other_parsers(sub) -> None:
     e.add_argument("--device", default="auto", help=DEVICE_HELP)
     e.set_defaults(func=cmd_eval)
 
+    _sample_parser(sub)
+
+    q = sub.add_parser("plot", help="write the pictures of a trained model")
+    q.add_argument("--checkpoint", required=True, help="a checkpoint of cnf train")
+    q.add_argument("--out", help="folder (default: the checkpoint's)")
+    q.add_argument("--n", type=_POSITIVE, help="samples (default: " + _pictures_default() + ")")
+    q.add_argument("--no-gif", action="store_true", help="no animation of the flow (2-D data)")
+    q.add_argument("--device", default="auto", help=DEVICE_HELP)
+    q.set_defaults(func=cmd_plot)
+
+
+def _sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="draw samples to a .npy (or, for tables, .csv) file")
     s.add_argument("--checkpoint", required=True, help="a checkpoint of cnf train")
     s.add_argument("--n", type=_POSITIVE, default=10000, help="samples (default: 10000)")
@@ -397,16 +426,14 @@ def _other_parsers(sub) -> None:
         "header of the data's column names",
     )
     s.add_argument("--seed", type=int, default=0, help="seed of the base samples (default: 0)")
+    s.add_argument(
+        "--context",
+        metavar="VALUES",
+        help="a conditional model's context for every sample: a class label (e.g. 3), or the "
+        "context's numbers, comma-separated (e.g. 0.5, or 1.7,80 for two context columns)",
+    )
     s.add_argument("--device", default="auto", help=DEVICE_HELP)
     s.set_defaults(func=cmd_sample)
-
-    q = sub.add_parser("plot", help="write the pictures of a trained model")
-    q.add_argument("--checkpoint", required=True, help="a checkpoint of cnf train")
-    q.add_argument("--out", help="folder (default: the checkpoint's)")
-    q.add_argument("--n", type=_POSITIVE, help="samples (default: " + _pictures_default() + ")")
-    q.add_argument("--no-gif", action="store_true", help="no animation of the flow (2-D data)")
-    q.add_argument("--device", default="auto", help=DEVICE_HELP)
-    q.set_defaults(func=cmd_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,8 @@ def _toy_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[
     from .. import plot
     from ..data import DENSITY_NAMES, density
 
+    if _conditional(model):
+        return _conditional_toy_pictures(model, record, n, device)
     data = record.load().part("test", seed=0, n=n).numpy()
     true = density(record.name) if record.name in DENSITY_NAMES else None
     gen = torch.Generator(device=device).manual_seed(0)
@@ -29,9 +31,45 @@ def _toy_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[
     return figures, ["flow.gif"]
 
 
+def _conditional(model) -> bool:
+    """Whether the model reads a context (its spec says so)."""
+    from ..models import settings_of
+
+    return settings_of(getattr(model, "spec", {}) or {}).get("context") is not None
+
+
+def _conditional_toy_pictures(model, record, n: int, device) -> tuple[dict, list]:
+    """A row of densities at five contexts over the true ones; samples drawn with the test
+    points' contexts beside those points; trajectories at context 0."""
+    from .. import plot
+    from ..data import CONDITIONAL_NAMES, conditional_density
+
+    x, c = record.load().part("test", seed=0, n=n)
+    true = conditional_density(record.name) if record.name in CONDITIONAL_NAMES else None
+    gen = torch.Generator(device=device).manual_seed(0)
+    ref = next(model.parameters())
+    with torch.no_grad():
+        samples = model.sample(len(c), context=c.to(device=device, dtype=ref.dtype), generator=gen)
+    contexts = [-1.0, -0.5, 0.0, 0.5, 1.0]
+    zero = torch.zeros(1, dtype=ref.dtype, device=device)
+    figures = {
+        "densities.png": plot.plot_conditional_densities(model, contexts, true_density=true),
+        "samples.png": plot.plot_samples(samples.detach(), data=x.numpy()),
+        "trajectories.png": plot.plot_trajectories(model, context=zero),
+    }
+    return figures, []  # no animation: one would be needed per context
+
+
 def _image_pictures(model, record, n: int, device, gif: bool, out: Path) -> tuple[dict, list]:
     from .. import plot
 
+    if _conditional(model):
+        classes = model.spec["options"]["context"]["classes"]
+        gen = torch.Generator(device=device).manual_seed(0)
+        grid = plot.plot_class_samples(
+            model, classes, per_class=max(1, n // classes), generator=gen
+        )
+        return {"classes.png": grid}, []
     test = record.load().part("test", n=n).float() / record.recipe.levels
     gen = torch.Generator(device=device).manual_seed(0)
     with torch.no_grad():
@@ -45,9 +83,15 @@ def _table_pictures(model, record, n: int, device, gif: bool, out: Path) -> tupl
 
     data = record.load()
     gen = torch.Generator(device=device).manual_seed(0)
+    test, given = data.part("test"), {}
+    if data.contexts is not None:  # one sample per test row, given that row's context
+        test, contexts = test
+        ref = next(model.parameters())
+        given["context"] = contexts.to(device=device, dtype=ref.dtype)
+        n = len(test)
     with torch.no_grad():  # the model's Standardize step puts the samples in the data's units
-        samples = model.sample(n, generator=gen)
-    pairs = plot.plot_pairs(samples, data.part("test"), columns=data.columns)
+        samples = model.sample(n, generator=gen, **given)
+    pairs = plot.plot_pairs(samples, test, columns=data.columns)
     return {"pairs.png": pairs}, []  # no animation of tables
 
 

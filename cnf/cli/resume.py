@@ -144,6 +144,12 @@ def _check_resume(last: Path, record, stage: str) -> dict | None:
             f"{before.split_seed}); resume it with the same --data, --architecture and "
             "--split-seed, or write to another --out"
         )
+    if dict(before.options or {}) != dict(record.options or {}):
+        flags = "--columns, --context-columns, --drop-nonfinite and --conditional"
+        raise ValueError(
+            f"{last} was trained on its data with {_options(before)}, but these flags give "
+            f"{_options(record)}; resume with the same {flags}, or write to another --out"
+        )
     was = state.get("stage", "likelihood")  # runs before flow matching were all likelihood
     if was != stage:
         raise ValueError(
@@ -151,3 +157,12 @@ def _check_resume(last: Path, record, stage: str) -> dict | None:
             "flags it began with (--objective, --finish-ml), or write to another --out"
         )
     return state
+
+
+def _options(record) -> str:
+    """A record's loader options as the flags spell them."""
+    options = dict(record.options or {})
+    if not options:
+        return "no data options"
+    flags = [(f"--{k.replace('_', '-')}", v) for k, v in sorted(options.items())]
+    return ", ".join(flag if v is True else f"{flag} {shown(v)}" for flag, v in flags)

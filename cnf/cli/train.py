@@ -25,6 +25,7 @@ def _model_settings(args: argparse.Namespace, recipe, data) -> dict:
         table = {"dim": data.dim, "standardize": False if args.no_standardize else None}
     return dict(
         table,
+        context=getattr(data, "embedding", None),
         hidden=args.hidden,
         activation=args.activation,
         blocks=args.blocks,
@@ -76,8 +77,10 @@ def _recipe_and_record(args: argparse.Namespace):
 
     if args.data in names():
         recipe, root = get(args.data, args.architecture), args.root
-        if args.columns or args.drop_nonfinite:
-            raise ValueError("--columns and --drop-nonfinite apply to a file given to --data")
+        if args.columns or args.drop_nonfinite or args.context_columns:
+            raise ValueError(
+                "--columns, --context-columns and --drop-nonfinite apply to a file given to --data"
+            )
     else:
         if args.root:
             raise ValueError("--root is the folder of MNIST, CIFAR-10 or MAF's files; a file "
@@ -85,7 +88,13 @@ def _recipe_and_record(args: argparse.Namespace):
         recipe, root = get("file", args.architecture), args.data
     if args.no_standardize and recipe.kind != "tabular":
         raise ValueError("--no-standardize applies to tables; other data have no such step")
+    if args.conditional and recipe.kind != "image":
+        raise ValueError(
+            "--conditional fits images given their class labels; the rotating data are "
+            "conditional by themselves, and a file's contexts are its --context-columns"
+        )
     options = {"columns": args.columns, "drop_nonfinite": args.drop_nonfinite or None}
+    options.update(context_columns=args.context_columns, conditional=args.conditional or None)
     return recipe, recipe.record(root=root, split_seed=args.split_seed, **options)
 
 
@@ -150,6 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = {"spec": spec, "data": recipe.name, "recipe": record.to_dict()}
     if recipe.kind == "tabular":  # the names label samples
         extra["columns"] = list(data.columns)
+        if data.contexts is not None:
+            extra["context_columns"] = list(data.context_columns)
     val = data.part("val", seed=seed + 1, n=args.eval_n)
     tol = _spec_tol(spec)
     run = dict(data=data, val=val, tol=tol, device=device, extra=extra, seed=seed, kept=kept)

@@ -28,6 +28,8 @@ def _output_file(path: str | Path, flag: str) -> Path:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """``cnf eval``: score a checkpoint on the test part of its data; print (and ``--json``)."""
+    from ..training import split_context
+
     device = pick_device(args.device)
     if args.json:
         _output_file(args.json, "--json")
@@ -36,10 +38,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     policy = recipe.evaluation
     if args.data is not None:
         data = None
-        test = _rows_of(args.data, record, model, args.drop_nonfinite)[: args.n]
+        test = _rows_of(args.data, record, model, args.drop_nonfinite)
+        test = tuple(part[: args.n] for part in test) if isinstance(test, tuple) else test[: args.n]
     else:
         data = record.load()
         test = data.part("test", seed=args.seed, n=args.n)
+    points, _ = split_context(test)
     tol = policy.tol if args.tol is None else args.tol
     draws = policy.test_draws if args.draws is None else args.draws
     tic = time.perf_counter()
@@ -53,7 +57,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     )
     result = {
         "data": args.data or recipe.name,
-        "n": len(test),
+        "n": len(points),
         policy.metric: value,
         "trace": policy.trace,
         "split_seed": record.split_seed,
@@ -62,7 +66,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - tic,
     }
     where = args.data or getattr(data, "name", recipe.name)
-    msg = f"{where}: test {metric_value(policy.metric, value, 4)} on {len(test)} points"
+    msg = f"{where}: test {metric_value(policy.metric, value, 4)} on {len(points)} points"
     if recipe.kind == "tabular":
         msg += " (per row, in the data's units)"
     if policy.metric == "bits_per_dim":
@@ -87,12 +91,21 @@ def _rows_of(path: str, record, model, drop_nonfinite: bool):
         raise ValueError("--data scores a model of tables or 2-D points on a file; this "
                          "checkpoint holds an image model")  # fmt: skip
     columns = (record.options or {}).get("columns")
+    context_columns = (record.options or {}).get("context_columns")
     try:
-        table = read_table(path, columns=columns, drop_nonfinite=drop_nonfinite)
+        table = read_table(
+            path,
+            columns=columns,
+            drop_nonfinite=drop_nonfinite,
+            context_columns=context_columns,
+        )
     except ValueError as exc:
         if not columns:
             raise
-        raise ValueError(f"{exc} (the model was trained on columns {columns})") from None
+        raise ValueError(
+            f"{exc} (the model was trained on columns {columns}"
+            + (f" given {context_columns})" if context_columns else ")")
+        ) from None
     want = model.event_shape.numel()
     if table.values.shape[1] != want:
         picked = f" (its columns {', '.join(map(str, columns))})" if columns else ""
@@ -102,6 +115,8 @@ def _rows_of(path: str, record, model, drop_nonfinite: bool):
         )
     if table.dropped:
         print(f"dropped {table.dropped} rows of {path} holding NaN, Inf or a missing value")
+    if table.contexts is not None:
+        return torch.as_tensor(table.values), torch.as_tensor(table.contexts)
     return torch.as_tensor(table.values)
 
 
@@ -125,15 +140,60 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out.suffix.lower() not in (".npy", ".csv"):
         raise ValueError(f"--out {out}: write samples to a .npy or .csv file")
     state, record, model = open_checkpoint(args.checkpoint, device)
+    given, what = _context_flag(args.context, model, state)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     with torch.no_grad():
-        x = model.sample(args.n, generator=gen)
+        x = model.sample(args.n, generator=gen, **given)
     if record.recipe.levels is not None:
         x = x.clamp(0.0, 1.0)  # the logit's inverse can step slightly outside [0, 1]
     out.parent.mkdir(parents=True, exist_ok=True)
-    _write_samples(out, x.detach().cpu().numpy(), state.get("columns"))
-    print(f"wrote {args.n} samples to {out}")
+    x, columns = x.detach().cpu().numpy(), state.get("columns")
+    if given and out.suffix.lower() == ".csv" and state.get("context_columns"):
+        # a row of p(x | c) holds its context too, under the context columns' names
+        c = given["context"].double().cpu().numpy()
+        x, columns = (
+            np.hstack([x, np.broadcast_to(c, (len(x), c.size))]),
+            [
+                *columns,
+                *state["context_columns"],
+            ],
+        )
+    _write_samples(out, x, columns)
+    print(f"wrote {args.n} samples{what} to {out}")
     return 0
+
+
+def _context_flag(text: str | None, model, state) -> tuple[dict, str]:
+    """``{"context": c}`` of ``cnf sample --context`` for a conditional model (``{}`` for an
+    unconditional one), and how messages name it."""
+    from ..models import settings_of
+
+    embedding = settings_of(state.get("spec") or {}).get("context")
+    if embedding is None:
+        if text is not None:
+            raise ValueError("--context: this model is unconditional; leave the flag out")
+        return {}, ""
+    names = state.get("context_columns")
+    if embedding["classes"] is not None:
+        want = f"a class label in 0..{embedding['classes'] - 1}"
+    else:
+        want = f"{embedding['inputs']} number(s)" + (f" ({', '.join(names)})" if names else "")
+    if text is None:
+        raise ValueError(f"this model is conditional: pass --context, {want}")
+    ref = next(model.parameters())
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--context {text!r}: give {want}") from None
+    if embedding["classes"] is not None:
+        label = values[0] if len(values) == 1 else -1.0
+        if label != int(label) or not 0 <= label < embedding["classes"]:
+            raise ValueError(f"--context {text!r}: give {want}")
+        return {"context": torch.tensor(int(label), device=ref.device)}, f" of class {int(label)}"
+    if len(values) != embedding["inputs"] or not all(map(np.isfinite, values)):
+        raise ValueError(f"--context {text!r}: give {want}, comma-separated")
+    context = torch.tensor(values, dtype=ref.dtype, device=ref.device)
+    return {"context": context}, f" given context {text}"
 
 
 def cmd_plot(args: argparse.Namespace) -> int:

@@ -24,7 +24,7 @@ from .history import History
 from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
 from .loop import FitConfig, Trainer, TrainingError, fit
 from .objectives import MaximumLikelihood, Metric, Objective
-from .sampling import Sampler, image_sampler
+from .sampling import Sampler, image_sampler, split_context
 
 __all__ = [
     "EMA",
@@ -52,4 +52,5 @@ __all__ = [
     "load_checkpoint",
     "ot_pairing",
     "save_checkpoint",
+    "split_context",
 ]
