@@ -204,3 +204,29 @@ def test_tabular_specs_with_a_context_build_and_standardize_it():
     (embedding,) = [m for m in model.modules() if isinstance(m, ContextEmbedding)]
     torch.testing.assert_close(embedding.mean, c.mean(0))
     assert model.log_prob(torch.randn(4, 3, dtype=F64), context=c[:4]).shape == (4,)
+
+
+def test_a_fit_of_the_rotating_family_uses_its_context_and_each_density_integrates_to_one():
+    """The conditional 2-D family with an exact density (cnf.data.conditional): a short fit of
+    the recipe's model comes within 1.2 nats of the true conditional NLL of held-out pairs,
+    scores worse when the contexts are shuffled, and each p(. | c) integrates to one."""
+    from cnf.data import conditional_density
+    from cnf.recipes import get
+
+    recipe = get("rotating")
+    data = recipe.load()
+    torch.manual_seed(0)
+    model = recipe.new_model(data, hidden=[32, 32])
+    fit(model, data.sampler(), **recipe.fit_options(iters=150, batch_size=256, progress=False))
+    x, c = data.part("test", seed=3, n=2000)
+    truth = float(-torch.as_tensor(conditional_density("rotating").log_density(x, c)).mean())
+    nll = recipe.score(model, (x, c), tol=1e-5)
+    shuffled = recipe.score(model, (x, c[torch.randperm(len(c))]), tol=1e-5)
+    assert nll - truth < 1.2 and shuffled > nll + 0.3, (nll, truth, shuffled)
+    grid = torch.linspace(-9, 9, 121)
+    points = torch.cartesian_prod(grid, grid)
+    for value in (-1.0, 0.0, 1.0):
+        with torch.no_grad():
+            lp = model.log_prob(points, context=torch.tensor([value]), rtol=1e-5, atol=1e-5)
+        mass = float(lp.exp().sum()) * float(grid[1] - grid[0]) ** 2
+        assert abs(mass - 1.0) < 0.02, (value, mass)
