@@ -4,6 +4,7 @@ The layers, from the bottom (``docs/architecture.md`` has the map):
 
 * :mod:`cnf.ode`: the solver core (Runge-Kutta methods, adaptive steps, adjoint strategies);
 * :mod:`cnf.fields`: vector-field networks; :mod:`cnf.trace`: exact and Hutchinson divergences;
+  :mod:`cnf.context`: contexts of conditional flows (label and vector embeddings);
 * :mod:`cnf.settings`: the solver settings of a CNF block and the per-call context;
 * :mod:`cnf.transforms`: the transform protocol, composition, reshape, logit and squeeze;
   :mod:`cnf.continuous`: the CNF block (the joint ODE as a transform);
@@ -11,10 +12,15 @@ The layers, from the bottom (``docs/architecture.md`` has the map):
   :mod:`cnf.dense`, :mod:`cnf.multiscale`: the image models;
 * :mod:`cnf.training`: objectives, the training loop, checkpoints; :mod:`cnf.recipes`: the
   table of data sets with their models and training defaults; :mod:`cnf.data`: data sets.
+
+The higher layers (``cnf.data``, ``cnf.models``, ``cnf.plot``, ``cnf.recipes``,
+``cnf.training``) are imported on first use: ``import cnf`` stays light, and
+``cnf.recipes.get(...)`` works without importing the submodule first.
 """
 
 from importlib.metadata import PackageNotFoundError, version
 
+from .context import Conditioned, ContextEmbedding
 from .continuous import CNFTransform
 from .dense import DenseImageCNF
 from .fields import ConcatSquashConv2d, ConcatSquashConvNet, ConcatSquashLinear, ConcatSquashMLP
@@ -61,6 +67,8 @@ __all__ = [
     "ConcatSquashConvNet",
     "ConcatSquashLinear",
     "ConcatSquashMLP",
+    "Conditioned",
+    "ContextEmbedding",
     "DenseImageCNF",
     "Flow",
     "FlowOutput",
@@ -87,3 +95,15 @@ __all__ = [
     "sample_noise",
     "solve",
 ]
+
+
+_LAZY = ("data", "models", "plot", "recipes", "training")
+
+
+def __getattr__(name: str):
+    """``cnf.<submodule>`` for the higher layers, imported when first used (PEP 562)."""
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'cnf' has no attribute {name!r}")
