@@ -135,7 +135,9 @@ def _train_parser(sub) -> None:
         help="fit a density by maximum likelihood or flow matching (2-D toy data or images)",
         description="Every default comes from the recipe of --data and --architecture "
         f"(cnf.recipes.get(data, architecture)), e.g. {examples}. With --resume, flags left "
-        "out take the values the checkpoint recorded; flags that contradict it are refused.",
+        "out take the values the checkpoint recorded (the data flags --columns, "
+        "--context-columns, --drop-nonfinite and --conditional excepted: they pick the data, "
+        "so give them as the run began); flags that contradict it are refused.",
     )
     t.add_argument(
         "--data",
