@@ -65,7 +65,7 @@ from torch import nn
 from cnf import recipes
 from cnf.data import synthetic_entropy, synthetic_log_prob
 from cnf.training import Evaluation, FitConfig, Hook, Trainer, TrainingError, load
-from cnf.training.sampling import Batches
+from cnf.training.sampling import Batches, split_context
 
 try:
     import zuko
@@ -216,14 +216,19 @@ class WallBudget(Hook):
             trainer.iters = trainer.iteration
 
 
-def run_cnf(name, recipe, data, args, val, test, folder, flow_matching=False) -> Run:
+def run_cnf(
+    name, recipe, data, args, val, test, folder, flow_matching=False, label=None, test_options=None
+) -> Run:
     """cnf's recipe trained by maximum likelihood, or (``flow_matching``) the same model with
     fixed T trained by the recipe's flow-matching plan: a regression of the field, no solve
-    per step; both validated and tested by exact likelihood."""
+    per step; both validated and tested by exact likelihood. ``label`` names the model in the
+    results (default ``cnf`` / ``cnf-fm``); ``test_options``: keywords of ``recipe.score`` for
+    the test scores (e.g. images' ``draws`` and ``seed``)."""
     torch.manual_seed(args.seed)
     model = recipe.new_model(data, flow_matching=flow_matching)
     spare = recipe.new_model(data, flow_matching=flow_matching)  # scores the best at the marks
-    label = "cnf-fm" if flow_matching else "cnf"
+    label = label or ("cnf-fm" if flow_matching else "cnf")
+    test_options = test_options or {}
     options = {
         **recipe.fit_options(
             "flow-matching" if flow_matching else "likelihood",
@@ -234,6 +239,7 @@ def run_cnf(name, recipe, data, args, val, test, folder, flow_matching=False) ->
         ),
         **args.cnf_fit,  # after fit_options, which drops None overrides (ema=None)
         **recipe.validation(val),
+        "keep_best": True,  # best.pt is what is tested, whatever the recipe's policy
         "checkpoint_dir": folder,
         "checkpoint_every": UNBOUNDED,  # last.pt only at the end: best.pt is what counts here
     }
@@ -249,7 +255,7 @@ def run_cnf(name, recipe, data, args, val, test, folder, flow_matching=False) ->
 
     def score(state) -> float:
         spare.load_state_dict(state)
-        return recipe.score(spare.eval(), test)
+        return recipe.score(spare.eval(), test, **test_options)
 
     run = Run(name, label, args, validate, snapshot, score)
     trainer.hooks.insert(trainer.hooks.index(trainer.checkpoints), WallBudget(run, evaluation))
@@ -268,7 +274,7 @@ def run_cnf(name, recipe, data, args, val, test, folder, flow_matching=False) ->
     if not same:
         raise RuntimeError("best.pt does not hold the best-validation weights this script saw")
     with run.clock.pause():
-        final = recipe.score(best, test)
+        final = recipe.score(best, test, **test_options)
     run.result = finish(run, trainer.iteration, seconds, final, parameters(model), data, options)
     run.result["options"] = {
         k: v
@@ -371,8 +377,18 @@ def run_zuko(name, kind, recipe, data, args, val, test) -> Run:
 # --- the report ----------------------------------------------------------------------------------
 
 
+def train_rows(data) -> int | None:
+    """Points in the training part; None where every batch is a fresh draw (2-D toy data)."""
+    try:
+        train = data.part("train")
+    except ValueError:  # no training part to count: batches are fresh draws
+        return None
+    return len(split_context(train)[0])
+
+
 def finish(run: Run, iterations, seconds, test_nll, params, data, options) -> dict:
-    per_epoch = max(1, len(data.part("train")) // options["batch_size"])
+    rows = train_rows(data)
+    per_epoch = None if rows is None else max(1, rows // options["batch_size"])
     seconds_at_best, iteration_at_best, best_val = run.best
     return {
         "set": run.set_name,
@@ -381,7 +397,7 @@ def finish(run: Run, iterations, seconds, test_nll, params, data, options) -> di
         "seconds": seconds,
         "eval_seconds": run.eval_seconds,
         "iterations": iterations,
-        "epochs": iterations / per_epoch,
+        "epochs": None if per_epoch is None else iterations / per_epoch,
         "best_val": best_val,
         "best_at_seconds": seconds_at_best,
         "best_at_iteration": iteration_at_best,
