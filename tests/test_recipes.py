@@ -43,8 +43,18 @@ DIGITS_TRAINING = {
 def test_the_table_holds_every_data_set_and_architecture():
     tables = ("file", "patches", "breast-cancer", "synthetic8")
     benchmarks = ("power", "gas", "hepmass", "miniboone", "bsds300")
-    assert recipes.names() == (*NAMES, "digits", "mnist", "cifar10", *tables, *benchmarks)
+    conditional = ("rotating",)
+    assert recipes.names() == (
+        *NAMES,
+        *conditional,
+        "digits",
+        "mnist",
+        "cifar10",
+        *tables,
+        *benchmarks,
+    )
     assert all(recipes.architectures(name) == ("mlp",) for name in tables + benchmarks)
+    assert recipes.architectures("rotating") == ("mlp",)
     assert all(recipes.architectures(name) == ("mlp",) for name in NAMES)
     assert recipes.architectures("digits") == ("dense", "multiscale")
     assert recipes.architectures("mnist") == recipes.architectures("cifar10")
