@@ -163,6 +163,10 @@ class Flow(nn.Module):
     def sample(self, n: int | Sequence[int], **settings) -> Tensor:
         """Draw samples: ``n`` (or ``sample_shape``) base points carried to the data side.
 
+        For a conditional flow, ``context=`` is one context per sample (``prod(sample_shape)``
+        rows, in order) or one context for all of them (e.g. ``torch.tensor(3)``, a label, or
+        ``(C,)``, a vector), as its field's embedding takes it.
+
         Returns:
             samples of shape ``(*sample_shape, *event_shape)``.
         """

@@ -293,8 +293,12 @@ def run_zuko(bench: Bench, label: str, args) -> Run:
 
 
 def run_cnf_model(bench: Bench, label: str, args) -> Run:
-    """``cnf``, ``cnf-fm`` or ``cnf-uncond`` through bench_tabular's ``run_cnf``."""
+    """``cnf``, ``cnf-fm`` or ``cnf-uncond`` through bench_tabular's ``run_cnf``; flow
+    matching's iterations (its cosine's length) are ``--fm-iters``, the others'
+    ``--cnf-iters``."""
     parts = bench.plain if label == "cnf-uncond" else (bench.data, bench.val, bench.test)
+    if label == "cnf-fm":
+        args = argparse.Namespace(**{**vars(args), "cnf_iters": args.fm_iters})
     with tempfile.TemporaryDirectory() as folder:
         return run_cnf(
             bench.name,
@@ -408,7 +412,10 @@ def report(args, rows, truth, checks, machine) -> list[str]:
         "Training seconds exclude validation and test. The test score is that of the weights "
         f"with the best validation score. zuko: NSF, {args.transforms} transforms, hidden "
         f"{tuple(args.hidden)}, Adam {args.lr:g}, the recipe's batches; cnf: the recipes' "
-        + (f"settings, {args.cnf_iters} iterations." if args.cnf_iters else "settings.")
+        + "settings"
+        + (f", {args.cnf_iters} likelihood iterations" if args.cnf_iters else "")
+        + (f", {args.fm_iters} flow-matching iterations" if args.fm_iters else "")
+        + " (the length of their cosine schedules; unset: unbounded, the rate stays high)."
         + (f" Only the first {args.rows} validation and test points." if args.rows else ""),
     ]
     for name in args.sets:
@@ -464,7 +471,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-digits", type=float, help="training seconds (180)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     parser.add_argument("--evals", type=int, help="validations in the budget (20)")
-    parser.add_argument("--cnf-iters", type=int, help="cnf's iterations (its cosine's length)")
+    parser.add_argument(
+        "--cnf-iters", type=int, help="cnf's likelihood iterations (its cosine's length)"
+    )
+    parser.add_argument("--fm-iters", type=int, help="cnf's flow-matching iterations (likewise)")
     parser.add_argument("--transforms", type=int, default=5, help="zuko's NSF")
     parser.add_argument("--hidden", type=int, nargs="+", default=[128, 128], help="zuko's NSF")
     parser.add_argument("--lr", type=float, default=1e-3, help="zuko's NSF (Adam)")
