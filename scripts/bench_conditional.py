@@ -40,7 +40,8 @@ Models (a set runs those of ``--models`` that apply to it):
   ``--cnf-iters`` (so the cosine schedule stays near its initial rate).
 * ``cnf-fm``: the same recipe's flow-matching plan (``new_model(data, flow_matching=True)``,
   ``fit_options("flow-matching")``), validated and tested by exact likelihood like ``cnf``.
-* ``cnf-uncond`` (digits): the ``cnf`` recipe on the images without their labels.
+* ``cnf-uncond``, ``cnf-fm-uncond`` (digits): ``cnf`` and ``cnf-fm`` on the images without
+  their labels.
 * ``nsf``: ``zuko.flows.NSF`` with ``--transforms`` (5) transforms of hidden layers ``--hidden``
   (128 128), Adam at ``--lr`` (1e-3), on the same batches. rotating: NSF(2, context=1) on x and
   c as they are (no standardization: x lies within the splines' [-5, 5], c in [-1, 1]). digits:
@@ -97,9 +98,9 @@ except ImportError:  # pragma: no cover - optional peer
 SETS = ("rotating", "digits")
 MODELS = {
     "rotating": ("cnf", "cnf-fm", "nsf"),
-    "digits": ("cnf", "cnf-uncond", "cnf-fm", "nsf", "nsf-uncond"),
+    "digits": ("cnf", "cnf-uncond", "cnf-fm", "cnf-fm-uncond", "nsf", "nsf-uncond"),
 }
-ALL_MODELS = ("cnf", "cnf-uncond", "cnf-fm", "nsf", "nsf-uncond")
+ALL_MODELS = ("cnf", "cnf-uncond", "cnf-fm", "cnf-fm-uncond", "nsf", "nsf-uncond")
 DEFAULT_MODELS = ("cnf", "cnf-uncond", "cnf-fm", "nsf")
 CONTEXTS = [-1, -0.5, 0, 0.5, 1]  # the rotating picture's columns
 
@@ -296,8 +297,9 @@ def run_cnf_model(bench: Bench, label: str, args) -> Run:
     """``cnf``, ``cnf-fm`` or ``cnf-uncond`` through bench_tabular's ``run_cnf``; flow
     matching's iterations (its cosine's length) are ``--fm-iters``, the others'
     ``--cnf-iters``."""
-    parts = bench.plain if label == "cnf-uncond" else (bench.data, bench.val, bench.test)
-    if label == "cnf-fm":
+    plain = label.endswith("-uncond")
+    parts = bench.plain if plain else (bench.data, bench.val, bench.test)
+    if label.startswith("cnf-fm"):
         args = argparse.Namespace(**{**vars(args), "cnf_iters": args.fm_iters})
     with tempfile.TemporaryDirectory() as folder:
         return run_cnf(
@@ -307,7 +309,7 @@ def run_cnf_model(bench: Bench, label: str, args) -> Run:
             args,
             *parts[1:],
             folder,
-            flow_matching=label == "cnf-fm",
+            flow_matching=label.startswith("cnf-fm"),
             label=label,
             test_options=bench.test_options,
         )
@@ -315,8 +317,8 @@ def run_cnf_model(bench: Bench, label: str, args) -> Run:
 
 def best_model(bench: Bench, label: str, state) -> nn.Module:
     """The recipe's model of ``label`` holding the weights ``state``, in eval mode."""
-    data = bench.plain[0] if label == "cnf-uncond" else bench.data
-    model = bench.recipe.new_model(data, flow_matching=label == "cnf-fm")
+    data = bench.plain[0] if label.endswith("-uncond") else bench.data
+    model = bench.recipe.new_model(data, flow_matching=label.startswith("cnf-fm"))
     model.load_state_dict(state)
     return model.eval()
 
@@ -388,7 +390,7 @@ def label_gain(rows: list[dict]) -> list[str]:
     """Lines comparing the digits' bits/dim given the label with those without it."""
     test = {r["model"]: r["test"] for r in rows if r["set"] == "digits"}
     lines = []
-    for model in ("cnf", "nsf"):
+    for model in ("cnf", "cnf-fm", "nsf"):
         if model in test and f"{model}-uncond" in test:
             given, plain = test[model], test[f"{model}-uncond"]
             verdict = "lower, as it must be" if given < plain else "NOT lower"
@@ -440,15 +442,16 @@ def report(args, rows, truth, checks, machine) -> list[str]:
     return lines
 
 
-def pictures(folder, benches, states, quick: bool) -> None:
-    """The best cnf model of each set (lowest validation score over the seeds), drawn."""
+def pictures(folder, benches, states, quick: bool, picture_model: str = "cnf") -> None:
+    """The best ``picture_model`` of each set (lowest validation score over the seeds), drawn."""
     from cnf.plot import plot_class_samples, plot_conditional_densities
 
     Path(folder).mkdir(parents=True, exist_ok=True)
     for name, bench in benches.items():
         if not states.get(name):
             continue
-        model = best_model(bench, "cnf", min(states[name], key=lambda s: s[0])[1])
+        best = min(states[name], key=lambda s: s[0])[1]
+        model = best_model(bench, picture_model, best)
         if name == "rotating":
             true = conditional_density("rotating")
             fig = plot_conditional_densities(
@@ -489,6 +492,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--out", help="markdown table (default docs/bench_conditional.md; + .json)")
     parser.add_argument("--pictures", help="folder for conditional_{rotating,digits}.png")
+    parser.add_argument(
+        "--picture-model", default="cnf", choices=("cnf", "cnf-fm"), help="whose best is drawn"
+    )
     args = parser.parse_args()
     args.budget_rotating = args.budget_rotating or (3.0 if args.quick else 90.0)
     args.budget_digits = args.budget_digits or (5.0 if args.quick else 180.0)
@@ -532,7 +538,7 @@ def main() -> None:
                     f"{r['best_val']:.4f}, test {r['test']:.4f}"
                     + ("" if r.get("units_check") is None else f", units {r['units_check']:.2g}")
                 )
-                if label == "cnf":
+                if label == args.picture_model:
                     states.setdefault(name, []).append((r["best_val"], run.best_state))
                 if name == "digits" and label == "cnf" and "score_check" not in checks:
                     model = best_model(bench, label, run.best_state)
@@ -551,7 +557,7 @@ def main() -> None:
     lines = report(args, rows, truth, checks, machine)
     print("\n" + "\n".join(lines))
     if args.pictures:
-        pictures(args.pictures, benches, states, args.quick)
+        pictures(args.pictures, benches, states, args.quick, args.picture_model)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
