@@ -79,7 +79,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tabular import Run, cpu_name, finish, parameters, run_cnf  # noqa: E402
+from bench_tabular import Run, cpu_name, finish, parameters, run_cnf, train_on_clock  # noqa: E402
 
 from cnf import recipes  # noqa: E402
 from cnf.data import conditional_density  # noqa: E402
@@ -262,19 +262,15 @@ def run_zuko(bench: Bench, label: str, args) -> Run:
         return bench.score(spare, test, **bench.test_options)
 
     run = Run(bench.name, label, args, lambda: bench.score(density, val), snapshot, test_score)
-    it = 0
-    run.clock.restart()
-    while True:
-        if run.due():
-            run.checkpoint(it)
-            if run.spent():
-                break
-        x, c = split_context(batches(it))
+
+    def step(i: int) -> None:
+        x, c = split_context(batches(i))
         loss = -density.log_prob(x, c).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        it += 1
+
+    it = train_on_clock(run, step)
     seconds = run.clock.elapsed()
     if run.best_state is None:
         raise RuntimeError(f"{bench.name} {label}: no finite validation score in the budget")

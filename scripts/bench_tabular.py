@@ -320,6 +320,20 @@ def check_units(flow, rows, mean, std) -> float:
     return (ours - theirs).abs().max().item()
 
 
+def train_on_clock(run: Run, step) -> int:
+    """Call ``step(i)`` for ``i = 0, 1, ...`` on ``run``'s clock, validating whenever one is due,
+    until its budget is spent; returns the steps taken (a peer's training loop)."""
+    it = 0
+    run.clock.restart()
+    while True:
+        if run.due():
+            run.checkpoint(it)
+            if run.spent():
+                return it
+        step(it)
+        it += 1
+
+
 def run_zuko(name, kind, recipe, data, args, val, test) -> Run:
     train = data.part("train")
     mean, std = train.mean(0), train.std(0)  # what cnf's Standardize step fits
@@ -342,18 +356,14 @@ def run_zuko(name, kind, recipe, data, args, val, test) -> Run:
         return zuko_nll(flow, val, mean, std)
 
     run = Run(name, kind, args, validate, snapshot, score)
-    it = 0
-    run.clock.restart()
-    while True:
-        if run.due():
-            run.checkpoint(it)
-            if run.spent():
-                break
-        loss = -flow().log_prob(batches(it)).mean()
+
+    def step(i: int) -> None:
+        loss = -flow().log_prob(batches(i)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        it += 1
+
+    it = train_on_clock(run, step)
     seconds = run.clock.elapsed()
     if run.best_state is None:
         raise RuntimeError(f"{name} {kind}: no finite validation NLL in the budget")

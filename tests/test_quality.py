@@ -19,14 +19,20 @@ TARGETS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(TARGETS))
-def test_default_main_job_reaches_target(name, tmp_path):
+def _train_and_evaluate(name: str, tmp_path, checkpoint: str) -> dict:
+    """``cnf train --data NAME`` with its defaults, then ``cnf eval`` of ``checkpoint``: its
+    JSON result."""
     out = tmp_path / name
     assert main(["train", "--data", name, "--out", str(out), "--quiet", "--no-plot"]) == 0
     result_file = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--json", str(result_file)]) == 0
-    result = json.loads(result_file.read_text())
+    assert main(["eval", "--checkpoint", str(out / checkpoint), "--json", str(result_file)]) == 0
+    return json.loads(result_file.read_text())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", sorted(TARGETS))
+def test_default_main_job_reaches_target(name, tmp_path):
+    result = _train_and_evaluate(name, tmp_path, "last.pt")
     key, bound = TARGETS[name]
     assert result[key] <= bound, result
 
@@ -37,11 +43,7 @@ def test_the_table_recipe_comes_near_the_known_entropy(tmp_path):
     minutes on one thread to within 0.5 nats of the entropy (0.41 measured when the defaults
     were set; the 2-D targets are tighter, but 8 dimensions in 2000 steps are harder)."""
     pytest.importorskip("sklearn")
-    out = tmp_path / "synthetic8"
-    assert main(["train", "--data", "synthetic8", "--out", str(out), "--quiet", "--no-plot"]) == 0
-    result_file = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(out / "best.pt"), "--json", str(result_file)]) == 0
-    result = json.loads(result_file.read_text())
+    result = _train_and_evaluate("synthetic8", tmp_path, "best.pt")
     assert result["gap"] <= 0.5, result
 
 
@@ -51,9 +53,5 @@ def test_the_conditional_recipe_comes_near_the_true_conditional_entropy(tmp_path
     exp(c / 2), exact density): the defaults (1000 steps, a few minutes on one thread) end
     within 0.15 nats of the expected conditional entropy E_c H(x | c) = 2.035 on 20000 fresh
     test pairs (0.078 measured when the defaults were set), as ``cnf eval`` reports it."""
-    out = tmp_path / "rotating"
-    assert main(["train", "--data", "rotating", "--out", str(out), "--quiet", "--no-plot"]) == 0
-    result_file = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(out / "last.pt"), "--json", str(result_file)]) == 0
-    result = json.loads(result_file.read_text())
+    result = _train_and_evaluate("rotating", tmp_path, "last.pt")
     assert result["gap"] <= 0.15, result
