@@ -52,6 +52,7 @@ from torch import Tensor
 from .flow import CNF, Flow, StandardNormal
 from .ode._problem import positive
 from .settings import check_choice
+from .training.sampling import place_context
 
 __all__ = [
     "animate_flow",
@@ -124,8 +125,7 @@ def _on_model(context: Tensor | None, model: Flow) -> Tensor | None:
         return None
     if not isinstance(context, Tensor):
         raise ValueError(f"context must be a tensor or None, got {type(context).__name__}")
-    dtype, device = _dtype_device(model)
-    return context.to(device=device, dtype=dtype if context.is_floating_point() else None)
+    return place_context(context, *_dtype_device(model))
 
 
 def _log_prob(

@@ -358,6 +358,7 @@ class Recipe:
         and ``batch_size`` (default: the evaluator's) override the policy.
         """
         from .training import evaluate_bits_per_dim, evaluate_nll, split_context
+        from .training.sampling import place_context
 
         policy = self.evaluation
         tol = policy.tol if tol is None else tol
@@ -366,9 +367,8 @@ class Recipe:
             solver["batch_size"] = batch_size
         data, context = split_context(data)
         ref = next(model.parameters())
-        if context is not None:  # labels stay integers; real contexts take the model's dtype
-            dtype = ref.dtype if context.is_floating_point() else context.dtype
-            solver["context"] = context.to(device=ref.device, dtype=dtype)
+        if context is not None:
+            solver["context"] = place_context(context, ref.dtype, ref.device)
         if policy.metric == "nll":
             return evaluate_nll(model, data.to(device=ref.device, dtype=ref.dtype), **solver)
         draws = policy.draws if draws is None else draws

@@ -9,6 +9,8 @@ from torch import Tensor
 
 from cnf.transforms import bits_per_dim, dequantize
 
+from .sampling import split_context
+
 if TYPE_CHECKING:
     from cnf.flow import Flow
 
@@ -44,7 +46,8 @@ def evaluate_nll(
         ValueError: no points, or a batch size below 1.
     """
     _check_sizes(data.shape[0], batch_size, "data")
-    _check_context(context, data.shape[0])
+    if context is not None:
+        split_context((data, context), "data")  # one context per point
     solver.setdefault("trace", "exact")
     total = 0.0
     for start in range(0, data.shape[0], batch_size):
@@ -90,7 +93,8 @@ def evaluate_bits_per_dim(
         ValueError: no images, no draws, or a batch size below 1.
     """
     _check_sizes(len(images), batch_size, "images")
-    _check_context(context, len(images))
+    if context is not None:
+        split_context((images, context), "images")  # one context per image
     if not (isinstance(draws, int) and draws >= 1):
         raise ValueError(f"draws must be a positive int, got {draws!r}")
     solver.setdefault("trace", "exact")
@@ -107,13 +111,6 @@ def evaluate_bits_per_dim(
             total += bits_per_dim(lp, chunk.shape[1:], levels).sum().item()
             count += len(chunk)
     return total / count
-
-
-def _check_context(context: Tensor | None, n: int) -> None:
-    if context is not None and (context.dim() == 0 or context.shape[0] != n):
-        raise ValueError(
-            f"context must have one row per point ({n}), got shape {tuple(context.shape)}"
-        )
 
 
 def _check_sizes(n: int, batch_size: int, what: str) -> None:

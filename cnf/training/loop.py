@@ -38,7 +38,14 @@ from .evaluation import evaluate_nll
 from .history import History
 from .hooks import EMA, Checkpointing, Evaluation, Hook, ProgressBar
 from .objectives import MaximumLikelihood, Objective, resolve_metrics
-from .sampling import Batches, Sampler, derived_seed, seeded_generator, split_context
+from .sampling import (
+    Batches,
+    Sampler,
+    derived_seed,
+    place_context,
+    seeded_generator,
+    split_context,
+)
 
 __all__ = [
     "FINAL_WEIGHTS",
@@ -342,9 +349,7 @@ class Trainer:
         return Evaluation(score, config.eval_every)
 
     def _place(self, context: Tensor) -> Tensor:
-        """Contexts on the training device; real ones in the model's dtype, labels as they are."""
-        dtype = self.dtype if context.is_floating_point() else context.dtype
-        return context.to(device=self.device, dtype=dtype)
+        return place_context(context, self.dtype, self.device)
 
     @property
     def evaluation_model(self) -> nn.Module:

@@ -24,6 +24,7 @@ __all__ = [
     "Sampler",
     "derived_seed",
     "image_sampler",
+    "place_context",
     "seeded_generator",
     "split_context",
 ]
@@ -47,7 +48,7 @@ def split_context(data, what: str = "data") -> tuple[Tensor | Sampler, Tensor | 
             "for a conditional model a pair of tensors (points, contexts)"
         )
     x, c = data
-    if c.dim() == 0 or c.shape[0] != x.shape[0]:
+    if c.dim() == 0 or c.shape[0] != len(x):
         raise ValueError(
             f"{what}: the contexts must have one row per point, got {tuple(c.shape)} contexts "
             f"for {tuple(x.shape)} points"
@@ -80,6 +81,12 @@ def derived_seed(seed: int, *keys: int) -> int:
 def seeded_generator(device: torch.device | str, seed: int) -> torch.Generator:
     """A new ``torch.Generator`` on ``device`` seeded with ``seed``."""
     return torch.Generator(device=device).manual_seed(seed)
+
+
+def place_context(context: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Contexts on ``device``; real ones in the model's ``dtype``, labels as they are (an
+    embedding table is indexed by integers)."""
+    return context.to(device=device, dtype=dtype if context.is_floating_point() else None)
 
 
 class Batches:
