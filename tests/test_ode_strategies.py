@@ -65,6 +65,7 @@ def test_public_names():
         "SolverStats",
         "TABLEAUS",
         "adjoint_strategy",
+        "agreeing_norms",
         "odeint",
         "odeint_adjoint",
         "odeint_event",

@@ -56,8 +56,13 @@ output to a few ulps of the time, and returns ``(event_t, solution at [t[0], eve
 :func:`odeint_event` (with :func:`odeint` or :func:`odeint_adjoint`) also differentiates the
 event time, by the implicit function theorem. ``SolverError`` if no crossing comes within
 ``max_num_steps`` steps.
+
+Data-parallel processes that each solve a shard of one batch agree on their steps inside
+:func:`agreeing_norms`: every error norm is then that of the whole batch (see
+:mod:`cnf.distributed`, which sets it up for training).
 """
 
+from ._agree import agreeing_norms
 from ._errors import SolverError
 from ._event import odeint_event
 from ._solve import Solution, SolverStats, odeint, odeint_adjoint, solve
@@ -74,6 +79,7 @@ __all__ = [
     "SolverStats",
     "TABLEAUS",
     "adjoint_strategy",
+    "agreeing_norms",
     "odeint",
     "odeint_adjoint",
     "odeint_event",

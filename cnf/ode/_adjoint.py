@@ -110,9 +110,12 @@ def _backsolve_config(
     if callable(strategy.norm):
         cfg = make_config(method, *tols, strategy.options, time_eps=problem.time_eps)
         return replace(cfg, norm=_user_adjoint_norm(problem, strategy.norm, params))
-    return make_config(
+    cfg = make_config(
         method, *tols, strategy.options, time_eps=problem.time_eps, norm_sizes=sections
     )
+    # data-parallel processes each hold their shard's part of the gradient sum g: agreeing
+    # norms add those parts up before measuring them (cnf.ode._agree)
+    return cfg if leave_out_g else replace(cfg, shared=n_params)
 
 
 def _user_adjoint_norm(problem: Problem, norm: Callable, params: tuple[Tensor, ...]):

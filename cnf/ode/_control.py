@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ._agree import current_reduce
 from ._callbacks import Callbacks
 from ._errors import SolverError, describe_non_finite
 from ._landmarks import Landmarks
@@ -39,6 +40,7 @@ __all__ = [
     "check_step",
     "make_controller",
     "rms_norm",
+    "rms_norms",
 ]
 
 Rhs = Callable[[float, Tensor], Tensor]
@@ -64,7 +66,9 @@ class Config:
     the scaled error in the state's structure, wrapped by the caller to take the flat state);
     ``landmarks`` holds ``step_t`` and ``jump_t``; ``perturb``, ``grid`` (what
     ``grid_constructor`` returned) and ``interp`` shape fixed steps; ``callbacks`` are
-    ``func``'s step callbacks.
+    ``func``'s step callbacks. ``shared``: how many trailing entries of the norm's part of the
+    state are, across data-parallel processes, parts of one sum rather than rows of a split
+    batch (the adjoint's parameter gradients; see :mod:`cnf.ode._agree`).
     """
 
     tableau: ButcherTableau
@@ -84,6 +88,7 @@ class Config:
     time_eps: float = 2.0**-52
     parts: tuple[tuple[int, ...], ...] | None = None
     norm: Callable[[Tensor], Tensor] | None = None
+    shared: int = 0
     landmarks: Landmarks | None = None
     perturb: bool = False
     grid_constructor: Callable | None = None
@@ -103,13 +108,71 @@ class Config:
 
 def rms_norm(cfg: Config, x: Tensor) -> float:
     """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state
-    (or the user's ``norm``)."""
+    (or the user's ``norm``); inside :func:`cnf.ode._agree.agreeing_norms`, over the sections
+    of every process's state together (a user's norm: the largest over the processes)."""
+    reduce = current_reduce()
     if cfg.norm is not None:
-        return abs(float(cfg.norm(x)))
+        value = abs(float(cfg.norm(x)))
+        return value if reduce is None else _agreed_max(reduce, value)
+    if reduce is not None:
+        return _agreed_rms(cfg, (x,), reduce)[0]
     if cfg.norm_sizes is None or len(cfg.norm_sizes) == 1:
         return torch.linalg.vector_norm(x).item() / math.sqrt(x.numel())
     norms = torch.stack([torch.linalg.vector_norm(part) for part in x.split(cfg.norm_sizes)])
     return max(v / math.sqrt(size) for v, size in zip(norms.tolist(), cfg.norm_sizes) if size > 0)
+
+
+def rms_norms(cfg: Config, *xs: Tensor) -> list[float]:
+    """:func:`rms_norm` of each of ``xs``; agreeing processes combine them in one collective."""
+    reduce = current_reduce()
+    if reduce is None or cfg.norm is not None:
+        return [rms_norm(cfg, x) for x in xs]
+    return _agreed_rms(cfg, xs, reduce)
+
+
+def _agreed_rms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
+    """For each of ``xs``: the sections' sums of squares and sizes, added over the processes,
+    then the largest RMS. One collective of ``2 * sections * len(xs)`` numbers, in float64,
+    so that the sum of the processes' squares is the one-process sum to rounding."""
+    sizes = (xs[0].numel(),) if cfg.norm_sizes is None else cfg.norm_sizes
+    k = len(sizes)
+    squares = [
+        torch.linalg.vector_norm(p, dtype=torch.float64)
+        for x in xs
+        for p in (x.split(sizes) if k > 1 else (x,))
+    ]
+    counts = torch.tensor(sizes * len(xs), dtype=torch.float64, device=xs[0].device)
+    totals = torch.cat([torch.stack(squares).square(), counts]).cpu()
+    reduce(totals, "sum")
+    values = totals.tolist()
+    m = k * len(xs)
+    sums, ns = values[:m], values[m:]
+    return [
+        max(math.sqrt(s / n) for s, n in zip(sums[j : j + k], ns[j : j + k]) if n > 0)
+        for j in range(0, m, k)
+    ]
+
+
+def _agreed_max(reduce, value: float) -> float:
+    totals = torch.tensor([value], dtype=torch.float64)
+    reduce(totals, "max")
+    return totals.item()
+
+
+def _shared(cfg: Config, *tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` (the norm's part of states or errors) with their last ``cfg.shared``
+    entries summed over the processes (one collective for all), when norms agree; as they
+    are otherwise. The others' parts of a sum make the whole batch's sum."""
+    reduce = current_reduce()
+    if reduce is None or not cfg.shared:
+        return tensors
+    p = cfg.shared
+    totals = torch.cat([t[-p:].to(torch.float64) for t in tensors]).cpu()
+    reduce(totals, "sum")
+    summed = totals.to(tensors[0].device).split(p)
+    return tuple(
+        torch.cat([t[:-p], s.to(t.dtype)]) for t, s in zip(tensors, summed)
+    )
 
 
 def _error_ratio(
@@ -130,7 +193,8 @@ def _error_ratio(
                 # which cannot overflow where sum_i e_i k_i alone does (stiff, fast fields)
                 kk = k if n is None else k[:n]
                 err = kk * (h * e) if err is None else torch.add(err, kk, alpha=h * e)
-        y1_abs = (y1 if n is None else y1[:n]).abs()
+        err, y1n = _shared(cfg, err, y1 if n is None else y1[:n])
+        y1_abs = y1n.abs()
         scale = torch.addcmul(cfg.atol, cfg.rtol, torch.maximum(y_abs, y1_abs))
         ratio = rms_norm(cfg, err.div_(scale))
     return ratio, y1_abs
@@ -145,17 +209,16 @@ def _initial_step(
     """
     with torch.no_grad():
         n = cfg.norm_size
-        y, fy = (y0, f0) if n is None else (y0[:n], f0[:n])
+        y, fy = _shared(cfg, *((y0, f0) if n is None else (y0[:n], f0[:n])))
         # the norms in float64: in float32, |f| ~ 1e20 overflows the sum of squares
         scale = torch.addcmul(cfg.atol, cfg.rtol, y.abs()).double()
-        d0 = rms_norm(cfg, y.double() / scale)
-        d1 = rms_norm(cfg, fy.double() / scale)
+        d0, d1 = rms_norms(cfg, y.double() / scale, fy.double() / scale)
         h0 = 1e-6 if (d0 < 1e-5 or d1 < 1e-5) else 0.01 * d0 / d1
         if not h0 > 0:  # d1 so large that the ratio underflows: start as small as time allows
             h0 = 64 * cfg.time_eps * max(abs(t0), span)
         h0 = min(h0, span)
         f1 = f(t0 + direction * h0, y0 + (direction * h0) * f0)
-        f1 = f1 if n is None else f1[:n]
+        (f1,) = _shared(cfg, f1 if n is None else f1[:n])
         d2 = rms_norm(cfg, (f1.double() - fy.double()) / scale) / h0
     dmax = max(d1, d2)
     if not math.isfinite(dmax):
@@ -266,7 +329,7 @@ class PIController:
         self.warned = False
         n = cfg.norm_size
         with torch.no_grad():
-            self.y_abs = (y0 if n is None else y0[:n]).abs()
+            self.y_abs = _shared(cfg, y0 if n is None else y0[:n])[0].abs()
 
     @property
     def step_size(self) -> float:
