@@ -40,6 +40,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from .shards import draw_rows
+
 __all__ = [
     "ESTIMATORS",
     "NOISE_KINDS",
@@ -118,13 +120,20 @@ def sample_noise(
         raise ValueError(f"unknown noise kind {kind!r}; valid kinds: {list(NOISE_KINDS)}")
     if isinstance(probes, bool) or not isinstance(probes, int) or probes < 1:
         raise ValueError(f"probes must be a positive int, got {probes!r}")
-    size = (probes, *shape)
     if dtype is None:
         dtype = torch.get_default_dtype()
-    if kind == "gaussian":
-        return torch.randn(size, generator=generator, dtype=dtype, device=device)
-    bits = torch.randint(0, 2, size, generator=generator, device=device)
-    return (2 * bits - 1).to(dtype)
+
+    def draw(rows: int) -> Tensor:
+        size = (probes, rows, *shape[1:])
+        if kind == "gaussian":
+            return torch.randn(size, generator=generator, dtype=dtype, device=device)
+        bits = torch.randint(0, 2, size, generator=generator, device=device)
+        return (2 * bits - 1).to(dtype)
+
+    if len(shape) == 0:
+        return draw(1)[:, 0]
+    # a data-parallel process draws the whole batch's probes and keeps its rows (cnf.shards)
+    return draw_rows(draw, shape[0], dim=1)
 
 
 def _check_state(z: Tensor) -> None:

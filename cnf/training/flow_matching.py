@@ -52,6 +52,7 @@ from cnf.ode._problem import number
 from ..continuous import CNFTransform
 from ..flow import Flow, StandardNormal
 from ..settings import Call, check_choice
+from ..shards import draw_rows
 from ..transforms.core import Compose, Reshape
 from .objectives import Metric
 
@@ -265,7 +266,9 @@ def blockwise_velocity(
     v = torch.zeros_like(x)
     for k, block in enumerate(generative):
         mask = which == k
-        if bool(mask.any()):
+        # a field of per-sample times runs on an empty group too (no host sync): its weights
+        # then get a gradient, zero, every step, as DistributedDataParallel needs of them all
+        if getattr(block.field, "per_sample_time", False) is True or bool(mask.any()):
             c = None if context is None else context[mask]
             u = field_velocity(block.field, t[mask] - offsets[k], x[mask], c)
             v = v.index_put((mask,), u)
@@ -339,8 +342,13 @@ class FlowMatching:
 
     def draw(self, x: Tensor, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
         """Times ``(batch,)`` from :attr:`time` and standard normal base draws like ``x``."""
-        t = _SAMPLERS[self.time](x.shape[0], generator, x)
-        z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+        n, rest = x.shape[0], x.shape[1:]
+        # a data-parallel process draws the whole batch's times and keeps its rows (cnf.shards)
+        t = draw_rows(lambda m: _SAMPLERS[self.time](m, generator, x), n)
+        z = draw_rows(
+            lambda m: torch.randn((m, *rest), generator=generator, dtype=x.dtype, device=x.device),
+            n,
+        )
         return t, z
 
     def loss(
