@@ -170,9 +170,7 @@ def _shared(cfg: Config, *tensors: Tensor) -> tuple[Tensor, ...]:
     totals = torch.cat([t[-p:].to(torch.float64) for t in tensors]).cpu()
     reduce(totals, "sum")
     summed = totals.to(tensors[0].device).split(p)
-    return tuple(
-        torch.cat([t[:-p], s.to(t.dtype)]) for t, s in zip(tensors, summed)
-    )
+    return tuple(torch.cat([t[:-p], s.to(t.dtype)]) for t, s in zip(tensors, summed))
 
 
 def _error_ratio(
