@@ -97,7 +97,7 @@ __all__ = [
 ]
 
 
-_LAZY = ("data", "models", "plot", "recipes", "training")
+_LAZY = ("data", "distributed", "models", "plot", "recipes", "training")
 
 
 def __getattr__(name: str):

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from cnf.distributed import share_rows, sum_over
 from cnf.transforms import bits_per_dim, dequantize
 
 from .sampling import split_context
@@ -30,7 +31,8 @@ def evaluate_nll(
     (:math:`\log p(x_n \mid c_n)` with contexts).
 
     Computed in batches without gradients, with the exact trace unless ``solver`` says
-    otherwise.
+    otherwise. In the sharded evaluation of a data-parallel run (:mod:`cnf.distributed`) each
+    process scores its rows and the sums are added over the processes.
 
     Args:
         model: the flow.
@@ -49,12 +51,16 @@ def evaluate_nll(
     if context is not None:
         split_context((data, context), "data")  # one context per point
     solver.setdefault("trace", "exact")
+    mine, world = share_rows(data.shape[0])  # in a sharded evaluation: this process's rows
+    data = data[mine]
+    context = None if context is None else context[mine]
     total = 0.0
     for start in range(0, data.shape[0], batch_size):
         rows = slice(start, start + batch_size)
         given = {} if context is None else {"context": context[rows]}
         total += -model.log_prob(data[rows], **given, **solver).sum().item()
-    return total / data.shape[0]
+    total, count = sum_over(world, total, data.shape[0])
+    return total / count
 
 
 @torch.no_grad()
@@ -100,9 +106,12 @@ def evaluate_bits_per_dim(
     solver.setdefault("trace", "exact")
     ref = next(model.parameters())
     gen = torch.Generator().manual_seed(seed)
+    mine, world = share_rows(len(images))  # in a sharded evaluation: this process's rows
+    context = None if context is None else context[mine]
     total, count = 0.0, 0
     for _ in range(draws):
-        x = dequantize(images, levels, generator=gen).to(device=ref.device, dtype=ref.dtype)
+        # every process draws the noise of all images, as one process does, and keeps its rows
+        x = dequantize(images, levels, generator=gen)[mine].to(device=ref.device, dtype=ref.dtype)
         for start in range(0, len(x), batch_size):
             rows = slice(start, start + batch_size)
             chunk = x[rows]
@@ -110,6 +119,7 @@ def evaluate_bits_per_dim(
             lp = model.log_prob(chunk, **given, **solver)
             total += bits_per_dim(lp, chunk.shape[1:], levels).sum().item()
             count += len(chunk)
+    total, count = sum_over(world, total, count)
     return total / count
 
 

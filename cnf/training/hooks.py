@@ -125,8 +125,14 @@ class Evaluation(Hook):
         model = trainer.evaluation_model
         was_training = model.training
         model.eval()
+        world = getattr(trainer, "world", None)
         try:
-            value = float(self.score(model))
+            if world is None:
+                value = float(self.score(model))
+            else:  # the package's evaluators score their rows of the data and sum
+                with world.evaluation():
+                    value = float(self.score(model))
+                value = world.broadcast(value)  # a score of the user's own: rank 0's counts
         finally:
             model.train(was_training)
         trainer.history.record_eval(trainer.iteration, nll=value)
@@ -144,14 +150,23 @@ class Checkpointing(Hook):
         directory: where the files go (created when needed).
         every: steps between ``last.pt`` writes.
         keep_best: also write ``best.pt``.
+        write: False in the processes of a data-parallel run other than rank 0: they keep
+            count of what rank 0 writes (for their error messages) and write nothing.
     """
 
-    def __init__(self, directory: str | os.PathLike, every: int = 100, keep_best: bool = False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        every: int = 100,
+        keep_best: bool = False,
+        write: bool = True,
+    ):
         if not (isinstance(every, int) and every >= 1):
             raise ValueError(f"checkpoint_every must be a positive int, got {every!r}")
         self.last = Path(directory) / "last.pt"
         self.best = Path(directory) / "best.pt"
         self.every, self.keep_best, self._evaluations = every, keep_best, 0
+        self.write = write
         self.saved: int | None = None  # the iteration last.pt holds for this run, if any
 
     def start(self, trainer: Trainer) -> None:
@@ -170,17 +185,19 @@ class Checkpointing(Hook):
         self._tidy()
 
     def _save_last(self, trainer: Trainer) -> None:
-        save_checkpoint(self.last, trainer.state())
+        if self.write:
+            save_checkpoint(self.last, trainer.state())
         self.saved = trainer.iteration
 
     def _tidy(self) -> None:
         # a killed run cannot remove the temporary file of the write it was killed in
-        for path in (self.last, self.best):
+        for path in (self.last, self.best) if self.write else ():
             remove_stale_temporaries(path)
 
     def _save_best(self, trainer: Trainer) -> None:
         evaluations = len(trainer.history.eval_iteration)
-        if self.keep_best and evaluations > self._evaluations and trainer.history.improved():
+        improved = evaluations > self._evaluations and trainer.history.improved()
+        if self.keep_best and self.write and improved:
             save_checkpoint(self.best, trainer.state())
         self._evaluations = evaluations
 

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cnf import distributed
 from cnf.ode import SolverError
 from cnf.ode._problem import number, positive
 
@@ -124,6 +125,10 @@ class FitConfig:
         seed: seed of batches and noise.
         device: where to train; None: where the model is.
         progress: show a progress bar on stderr.
+        agree_steps: under ``torch.distributed`` (:mod:`cnf.distributed`), the processes add
+            up their solvers' error norms so that all of them take the steps one process would
+            take on the whole batch; False lets each process choose its own steps (no
+            collective per step, but the gradient is then no longer the one-process one).
     """
 
     iters: int | None = None
@@ -151,6 +156,7 @@ class FitConfig:
     seed: int = 0
     device: str | torch.device | None = None
     progress: bool = True
+    agree_steps: bool = True
 
     def __post_init__(self):
         self._check_length()
@@ -242,6 +248,12 @@ def fit(model: nn.Module, data: Tensor | Sampler, **settings: Any) -> History:
     function of ``(seed, iteration)``, so a run resumed from its checkpoint ends exactly as the
     uninterrupted run would have.
 
+    **Several processes.** Under ``torchrun`` (after :func:`cnf.distributed.init`) ``fit``
+    trains data-parallel with ``DistributedDataParallel``: ``batch_size`` is the global batch,
+    each process trains on its rows of it, and with ``agree_steps`` the processes train as one
+    process does on the same global batch, to rounding (:mod:`cnf.distributed`). Rank 0 writes
+    the checkpoints and shows the progress bar; every process returns the same history.
+
     **Averaged weights.** With ``ema=...`` the model holds the average when ``fit`` returns
     (``final_weights="ema"``, the default, matching :func:`cnf.training.load`); pass
     ``final_weights="raw"`` to keep the optimiser's weights.
@@ -305,17 +317,24 @@ class Trainer:
             check_finite_rows(context, "the data's contexts")
             data = (data, self._place(context))
         self.batches = Batches(data, config.batch_size, config.seed)
+        self.world = distributed.current()
+        self.rows = self._shard_rows()
         self.objective = config.objective or MaximumLikelihood(
             kinetic=config.kinetic, jacobian=config.jacobian, solver=dict(config.solver or {})
         )
         evaluation = self._evaluation()
         self.checkpoints = None
+        writes = self.world is None or self.world.main  # rank 0 writes for all
         if config.checkpoint_dir is not None:
-            _check_checkpoint_dir(config.checkpoint_dir)
+            if writes:
+                _check_checkpoint_dir(config.checkpoint_dir)
             self.checkpoints = Checkpointing(
-                config.checkpoint_dir, config.checkpoint_every, config.keep_best
+                config.checkpoint_dir, config.checkpoint_every, config.keep_best, write=writes
             )
         model.to(self.device)  # after every check: a bad call leaves the model as it was
+        self.parallel = None
+        if self.world is not None:
+            self.parallel = distributed.parallel_model(model, self.objective, self.world)
         self.params = [p for p in model.parameters() if p.requires_grad]
         adam = torch.optim.AdamW if config.weight_decay > 0 else torch.optim.Adam
         # foreach: one kernel per operation for all tensors (torch uses it on GPUs only by
@@ -325,10 +344,22 @@ class Trainer:
         )
         self.scheduler = learning_rate_schedule(self.optimizer, config.schedule, self.iters)
         self.ema = EMA(model, config.ema) if config.ema is not None else None
-        progress = ProgressBar() if config.progress else None
+        progress = ProgressBar() if config.progress and writes else None
         hooks = (self.ema, evaluation, progress, self.checkpoints)
         self.hooks: list[Hook] = [hook for hook in hooks if hook is not None]
         self.history, self.iteration = History(), 0
+
+    def _shard_rows(self) -> tuple[int, int]:
+        """This process's rows ``start, stop`` of every batch (all of them in one process)."""
+        total = self.config.batch_size
+        if self.world is None:
+            return 0, total
+        if total < self.world.size:
+            raise ValueError(
+                f"batch_size={total} is the global batch, shared by {self.world.size} processes: "
+                f"give at least one point per process (batch_size >= {self.world.size})"
+            )
+        return self.world.rows(total)
 
     def _evaluation(self) -> Evaluation | None:
         config = self.config
@@ -368,6 +399,8 @@ class Trainer:
                 self.step()
                 self._call_hooks("after_step")
             self._call_hooks("finish")
+            if self.world is not None:  # rank 0's last checkpoint is on disk for everyone
+                self.world.barrier()
         finally:
             for hook in self.hooks:
                 hook.close()
@@ -393,14 +426,19 @@ class Trainer:
         noise = seeded_generator(self.device, derived_seed(self.config.seed, NOISE_STREAM, i))
         # a context only where there is one: objectives written for unconditional data take none
         given = {} if context is None else {"context": context}
-        try:
-            loss, metrics = self.objective(self.model, batch, noise, **given)
-            if not bool(torch.isfinite(loss)):
-                self._stop(f"loss is {loss.item()} at iteration {i + 1}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-        except SolverError as exc:  # the weights no longer give a solvable ODE
-            self._stop(f"the ODE solver failed at iteration {i + 1} ({exc})", exc)
+        if self.world is not None:
+            loss, values = self._parallel_step(i, batch, noise, given)
+        else:
+            try:
+                loss, metrics = self.objective(self.model, batch, noise, **given)
+                if not bool(torch.isfinite(loss)):
+                    self._stop(f"loss is {loss.item()} at iteration {i + 1}")
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            except SolverError as exc:  # the weights no longer give a solvable ODE
+                self._stop(f"the ODE solver failed at iteration {i + 1} ({exc})", exc)
+            values = resolve_metrics(metrics)  # after backward: adjoint NFE are known now
+            loss = loss.item()
         if not bool(torch.isfinite(self._gradient_norm())):
             self._stop(f"gradients are not finite at iteration {i + 1}")
         self.optimizer.step()
@@ -408,9 +446,40 @@ class Trainer:
         if not bool(torch.isfinite(self._weight_size())):
             what = f"the weights became NaN or Inf in the step of iteration {i + 1}"
             self._stop(what, changed=True)
-        values = resolve_metrics(metrics)  # after backward: adjoint NFE are known now
         self.iteration = i + 1
-        self.history.record(i + 1, loss=loss.item(), **values, seconds=time.perf_counter() - tic)
+        self.history.record(i + 1, loss=loss, **values, seconds=time.perf_counter() - tic)
+
+    def _parallel_step(self, i: int, batch: Tensor, noise, given) -> tuple[float, dict]:
+        """The forward and backward pass of one process's rows under DDP; returns the global
+        batch's loss and metrics (the same numbers on every process, so that every process
+        takes the same decisions below).
+
+        The loss is scaled by this process's share of the global batch and DDP sums the
+        gradients, so the gradient is that of the global batch's mean loss. A non-finite loss
+        is judged after the backward pass, from the sum over the processes: judged locally,
+        one process would stop while the others waited in the gradients' reduction.
+        """
+        start, stop = self.rows
+        total, agree = self.config.batch_size, self.config.agree_steps
+        share = (stop - start) / total
+        try:
+            with self.world.training_step(start, stop, total, agree):
+                loss, metrics = self.parallel(batch, noise, given)
+                self.optimizer.zero_grad(set_to_none=True)
+                (loss * share).backward()
+        except SolverError as exc:
+            self._stop(f"the ODE solver failed at iteration {i + 1} ({exc})", exc)
+        values = resolve_metrics(metrics)
+        names = list(values)
+        local = [loss.item(), *(values[name] for name in names)]
+        totals = distributed.sum_over(self.world, *(share * v for v in local))
+        loss_value = totals[0]
+        if not math.isfinite(loss_value):
+            self._stop(f"loss is {loss_value} at iteration {i + 1} (mean over the processes)")
+        for name, total in zip(names, totals[1:]):
+            whole = isinstance(values[name], int) and float(total).is_integer()
+            values[name] = int(total) if whole else total
+        return loss_value, values
 
     def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
         """Batch ``i`` and its contexts (None: unconditional) on the training device; a
@@ -424,8 +493,14 @@ class Trainer:
                         f"the sampler's batch of iteration {i + 1} has NaN or Inf values in "
                         f"{len(rows)} row(s), the first at index {rows[0]}; fix the sampler"
                     )
+        if self.world is not None:  # after the check of the whole batch: every process stops
+            batch, context = self._my_rows(batch), self._my_rows(context)
         batch = batch.to(device=self.device, dtype=self.dtype)
         return batch, None if context is None else self._place(context)
+
+    def _my_rows(self, part: Tensor | None) -> Tensor | None:
+        """This process's rows of a global batch's points or contexts."""
+        return None if part is None else part[self.rows[0] : self.rows[1]]
 
     def _weight_size(self) -> Tensor:
         """The largest absolute weight (max-norm: no overflow on large but finite weights)."""
@@ -493,9 +568,9 @@ class Trainer:
                 with other :data:`RESUME_SETTINGS` or another seed (all of them are named).
         """
         path = self.checkpoints.last
-        if not path.exists():
+        state = self._read_last(path)
+        if state is None:
             return
-        state = load_checkpoint(path, map_location=self.device)
         self._check_resumable(state, path)
         self.history, self.iteration = restore_training(
             state,
@@ -505,6 +580,23 @@ class Trainer:
             ema=self.ema,
             source=str(path),
         )
+
+    def _read_last(self, path: os.PathLike) -> dict[str, Any] | None:
+        """The checkpoint at ``path`` (None: there is none). Under DDP rank 0 reads it and
+        every process gets rank 0's copy, or rank 0's error, so that all resume alike (or
+        all fail alike) even where the others cannot see rank 0's disk."""
+        if self.world is None:
+            return load_checkpoint(path, map_location=self.device) if path.exists() else None
+        found: Any = None
+        if self.world.main:
+            try:
+                found = load_checkpoint(path, map_location="cpu") if path.exists() else None
+            except Exception as exc:  # noqa: BLE001 - handed to the others, then raised
+                found = exc
+        found = self.world.broadcast(found)
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     def _check_resumable(self, state: Mapping[str, Any], path: os.PathLike) -> None:
         done = int(state["iteration"])
