@@ -23,7 +23,9 @@ __all__ = ["main"]
 def main(argv: list[str] | None = None) -> int:
     """Run the command of ``argv`` (default: ``sys.argv[1:]``); the exit status: 0, or 2 after
     an error message on stderr."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # cnf train --nproc N launches the same command in N processes
     from ..ode import SolverError
     from ..training import CheckpointError, TrainingError
 

@@ -248,6 +248,19 @@ def _run_flags(t: argparse.ArgumentParser) -> None:
     t.add_argument("--device", default="auto", help=DEVICE_HELP)
     t.add_argument("--threads", type=_COUNT, default=0, help="torch threads (0: torch's default)")
     t.add_argument(
+        "--nproc",
+        type=_POSITIVE,
+        help="train in N processes on this machine (torchrun, data-parallel: one per GPU, or "
+        "CPU cores shared out); --batch-size stays the global batch, so the run trains as one "
+        "process does. Under torchrun --nproc-per-node N -m cnf train, leave it out",
+    )
+    t.add_argument(
+        "--independent-steps",
+        action="store_true",
+        help="with several processes, let each choose its own solver steps (no collective per "
+        "step; the run then differs slightly from a one-process run)",
+    )
+    t.add_argument(
         "--plot-n",
         type=_POSITIVE,
         help="samples in the pictures (default: " + _pictures_default() + ")",

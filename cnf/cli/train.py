@@ -5,7 +5,9 @@ matching) or two (flow matching, then a likelihood finish); then the report and 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import json
 import time
 from pathlib import Path
@@ -138,14 +140,48 @@ def _stage_options(recipe, stage: str, args, folder: Path, run: dict) -> dict:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    """``cnf train``: train the recipe the flags pick, with their values, stage by stage."""
+    """``cnf train``: train the recipe the flags pick, with their values, stage by stage; with
+    ``--nproc N``, the same command in N processes (under torchrun: data-parallel)."""
+    from .. import distributed
+
+    if args.nproc is not None and not distributed.launched():
+        _recipe_and_record(args)  # refuse bad flags here, not in N processes
+        return distributed.launch(args.nproc, _without_nproc(args.argv))
+    world = distributed.init(backend="gloo" if args.device == "cpu" else None)
+    try:
+        if world is None or world.main:
+            return _train(args, world)
+        with contextlib.redirect_stdout(io.StringIO()):  # rank 0 speaks for all
+            return _train(args, world)
+    finally:
+        if world is not None:
+            distributed.finish()
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--nproc":
+            skip = True
+        elif not word.startswith("--nproc="):
+            kept.append(word)
+    return kept
+
+
+def _train(args: argparse.Namespace, world) -> int:
+    """``cnf train`` in this process (one of several under torchrun: ``world``)."""
     from ..models import build
     from ..training.checkpoint import check_folder
 
     if args.threads:
         torch.set_num_threads(args.threads)
     recipe, record = _recipe_and_record(args)
-    device = pick_device(args.device)
+    device = (
+        world.device if world is not None and args.device == "auto" else pick_device(args.device)
+    )
     out = check_folder(Path(args.out or f"runs/{Path(args.data).stem}"), "--out")
     data = record.load()  # before the model: a table's model takes its width
     spec = _spec(recipe, args, data)
@@ -164,6 +200,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     val = data.part("val", seed=seed + 1, n=args.eval_n)
     tol = _spec_tol(spec)
     run = dict(data=data, val=val, tol=tol, device=device, extra=extra, seed=seed, kept=kept)
+    run["main"] = world is None or world.main
     for k, (stage, folder) in enumerate(stages):
         if k + 1 < len(stages) and args.resume and (stages[-1][1] / "last.pt").is_file():
             continue  # the finish has begun: this stage is done
@@ -217,8 +254,11 @@ def _train_stage(recipe, args, model, stage: str, folder: Path, run: dict, last:
         **options,
         **recipe.validation(run["val"], tol=tol, draws=args.draws),
         extra_state={**run["extra"], "stage": stage, "flags": flags},
+        agree_steps=not args.independent_steps,
     )
     seconds = time.perf_counter() - tic
+    if not run["main"]:  # rank 0 reports and draws
+        return
     (folder / "history.json").write_text(json.dumps(history.to_dict()))
     kept = _report_training(recipe, data, history, seconds, folder, run["device"], tol, args.draws)
     if last and not args.no_plot:
