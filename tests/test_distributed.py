@@ -11,11 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import distributed_worker as worker
 import pytest
 import torch
 
 import cnf
-import distributed_worker as worker
 
 HERE = Path(__file__).parent
 TIMEOUT = 240  # seconds: a hang fails the test instead of stalling the suite
