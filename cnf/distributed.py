@@ -44,8 +44,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from . import shared_sums
 from .ode import agreeing_norms
 from .shards import batch_shard
+from .shared_sums import CAPACITY, SharedSums
 
 __all__ = [
     "TIMEOUT",
@@ -80,6 +82,8 @@ class World:
         device: where it trains: ``cuda:local_rank`` under NCCL, else the CPU.
         control: a gloo group of the same processes for the small host-side sums (error
             norms, losses, metrics), apart from the group DDP reduces gradients on.
+        sums: the same sums through shared memory (:mod:`cnf.shared_sums`), when every
+            process runs on this machine; None: through ``control``.
     """
 
     rank: int
@@ -87,6 +91,7 @@ class World:
     local_rank: int
     device: torch.device
     control: Any
+    sums: SharedSums | None = None
 
     @property
     def main(self) -> bool:
@@ -103,6 +108,9 @@ class World:
     def reduce(self, values: Tensor, op: str = "sum") -> None:
         """Replace the 1-D host tensor ``values`` by its elementwise sum or maximum over the
         processes (the :data:`cnf.ode._agree.Reduce` of agreeing norms)."""
+        if self.sums is not None and values.numel() <= CAPACITY:
+            self.sums.reduce(values, op)
+            return
         reduce_op = dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX
         dist.all_reduce(values, op=reduce_op, group=self.control)
 
@@ -193,8 +201,26 @@ def current() -> World | None:
         nccl = dist.get_backend() == "nccl"
         device = torch.device("cuda", local_rank) if nccl else torch.device("cpu")
         control = dist.new_group(backend="gloo") if nccl else dist.new_group()
-        _world = World(dist.get_rank(), dist.get_world_size(), local_rank, device, control)
+        rank, size = dist.get_rank(), dist.get_world_size()
+        sums = _shared_sums(rank, size, control)
+        _world = World(rank, size, local_rank, device, control, sums)
     return _world
+
+
+def _shared_sums(rank: int, size: int, control) -> SharedSums | None:
+    """Shared-memory sums when all ``size`` processes run on this machine (torchrun's
+    ``LOCAL_WORLD_SIZE``) and it is x86-64; None otherwise (and with ``CNF_SHARED_SUMS=0``)."""
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "0")) == size
+    wanted = os.environ.get("CNF_SHARED_SUMS", "1") != "0"
+    if not (local and wanted and shared_sums.supported()):
+        return None
+    box = [SharedSums.create(size) if rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, group=control)
+    sums = SharedSums(box[0], rank, size, TIMEOUT.total_seconds())
+    dist.barrier(group=control)  # every process has mapped the file: it can go
+    if rank == 0:
+        sums.forget()
+    return sums
 
 
 def share_rows(total: int) -> tuple[slice, World | None]:
