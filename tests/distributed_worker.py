@@ -97,6 +97,7 @@ def local_nfe(agree: bool) -> dict:
 
 
 def different_data() -> dict:
+    """(The test runs this one with gloo's sums instead of shared memory: CNF_SHARED_SUMS=0.)"""
     return {"agree": local_nfe(True), "independent": local_nfe(False)}
 
 

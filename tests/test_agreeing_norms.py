@@ -207,3 +207,41 @@ def test_the_ranks_rows_cover_the_batch_once(total, size):
     assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
     lengths = [stop - start for start, stop in rows]
     assert max(lengths) - min(lengths) <= 1 and min(lengths) >= 1
+
+
+def test_shared_sums_add_up_every_processs_numbers(tmp_path):
+    """Two processes' shared-memory sums, played by two threads on one mapping: many sums in a
+    row (the slots alternate), sums and maxima, the same bits for both."""
+    from cnf.shared_sums import SharedSums
+
+    path = SharedSums.create(2)
+    ranks = [SharedSums(path, r, 2, timeout=60) for r in range(2)]
+    SharedSums.forget(ranks[0])
+    results: list = [[], []]
+
+    def run(rank):
+        for k in range(200):
+            values = torch.tensor([rank + k, -rank * k, 0.5 * rank], dtype=torch.float64)
+            ranks[rank].reduce(values, "sum" if k % 3 else "max")
+            results[rank].append(values.tolist())
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert results[0] == results[1]
+    for k, got in enumerate(results[0]):
+        a, b = [k, 0.0, 0.0], [1 + k, -k, 0.5]
+        want = [max(x, y) for x, y in zip(a, b)] if k % 3 == 0 else [x + y for x, y in zip(a, b)]
+        assert got == want
+
+
+def test_a_shared_sum_without_its_peer_times_out():
+    from cnf.shared_sums import SharedSums
+
+    path = SharedSums.create(2)
+    alone = SharedSums(path, 0, 2, timeout=0.2)
+    alone.forget()
+    with pytest.raises(RuntimeError, match="did not reach sum 1 within"):
+        alone.reduce(torch.zeros(2, dtype=torch.float64))
