@@ -43,7 +43,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import socket
 import statistics
@@ -59,6 +58,9 @@ import torch.distributed as dist
 import cnf
 from cnf import distributed
 from cnf.training import FitConfig, Hook, Trainer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_tabular import cpu_name  # noqa: E402
 
 TARGETS = {"8gaussians": 1.6, "digits": 1.8}  # the issue's speed-ups at 2 processes
 # (warmup, timed) iterations per recipe: about 15-40 s per one-process run on this VM
@@ -421,15 +423,6 @@ def gpu_section() -> list[str]:
         "the gradient all-reduce instead.",
         "",
     ]
-
-
-def cpu_name() -> str:
-    """The processor's model name where Linux says it, else the architecture."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.machine()
 
 
 def report(args, runs: list[dict], command: str) -> None:

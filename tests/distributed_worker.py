@@ -131,6 +131,8 @@ def resume(out: str) -> dict:
     )
     whole = model("exact")
     unbroken = cnf.training.fit(whole, data(), **{**base, "iters": 6})
+    # 4 steps more, left for the test to resume in one process
+    cnf.training.fit(model("exact"), data(), **{**base, "iters": 4}, checkpoint_dir=Path(out) / "b")
     return {"resumed": state(again, resumed), "unbroken": state(whole, unbroken)}
 
 

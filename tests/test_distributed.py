@@ -105,10 +105,20 @@ def test_an_error_on_one_rank_ends_both_and_keeps_the_last_checkpoint(tmp_path):
 
 
 def test_resume_under_torchrun_continues_exactly(tmp_path):
-    for rank in run_worker("resume", tmp_path):
+    ranks = run_worker("resume", tmp_path)
+    for rank in ranks:
         resumed, unbroken = rank["resumed"], rank["unbroken"]
         assert resumed["params"] == unbroken["params"]
         assert resumed["loss"] == unbroken["loss"]
+    # a two-process checkpoint resumed by one process: the global batch makes it the same run
+    torch.set_num_threads(1)
+    flow = worker.model("exact")
+    base = worker.settings("exact", checkpoint_every=2)
+    history = cnf.training.fit(
+        flow, worker.data(), **{**base, "iters": 6}, checkpoint_dir=tmp_path / "b", resume=True
+    )
+    alone = worker.state(flow, history)
+    assert gap(alone["params"], ranks[0]["unbroken"]["params"]) <= 1e-10
 
 
 def test_cnf_train_nproc_trains_the_one_process_model(tmp_path):

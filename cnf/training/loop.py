@@ -477,8 +477,9 @@ class Trainer:
         if not math.isfinite(loss_value):
             self._stop(f"loss is {loss_value} at iteration {i + 1} (mean over the processes)")
         for name, total in zip(names, totals[1:]):
-            whole = isinstance(values[name], int) and float(total).is_integer()
-            values[name] = int(total) if whole else total
+            # counts (NFE) stay ints where the processes agree: shares such as 1/3 round
+            whole = isinstance(values[name], int) and abs(total - round(total)) < 1e-9
+            values[name] = round(total) if whole else total
         return loss_value, values
 
     def _batch(self, i: int) -> tuple[Tensor, Tensor | None]:
