@@ -14,8 +14,9 @@ field once.
 
 * :func:`divergence_exact`: the exact trace. For a field with a ``forward_with_divergence(t, z)``
   method (:class:`cnf.fields.ConcatSquashMLP`) that method computes it analytically; otherwise
-  one vector-Jacobian product is vectorised with :func:`torch.func.vmap` over the :math:`D` basis
-  vectors (not a Python loop of :math:`D` ``autograd.grad`` calls, as FFJORD does).
+  the field is evaluated once and one vector-Jacobian product is vectorised with
+  :func:`torch.func.vmap` over chunks of the :math:`D` basis vectors (not a Python loop of
+  :math:`D` ``autograd.grad`` calls, as FFJORD does), reading only the Jacobian's diagonal.
 * :func:`divergence_hutchinson`: the unbiased estimate :math:`\frac1K \sum_k e_k^\top J e_k` from
   :math:`K` probes, one (vectorised) vector-Jacobian product.
 * :func:`divergence`: one call per solver stage for the CNF, optionally with the estimate of
@@ -43,6 +44,7 @@ from torch import Tensor
 from .shards import draw_rows
 
 __all__ = [
+    "CHUNK_ELEMENTS",
     "ESTIMATORS",
     "NOISE_KINDS",
     "Divergence",
@@ -198,12 +200,51 @@ def _probe_forms(
     return out[0], out[1] if squares else None
 
 
-def _basis(z: Tensor) -> Tensor:
-    """The event's :math:`D` basis vectors for every sample, shape ``(D, *z.shape)`` (a view)."""
+CHUNK_ELEMENTS = 2**18
+"""Default bound on ``chunk * batch * D``, the state-sized elements of one chunk of basis vectors.
+
+The generic exact trace runs one batched vector-Jacobian product per chunk of basis vectors. Its
+temporaries are about ``chunk * batch * width`` elements per layer, so the bound keeps them near
+the size of a core's cache (1 MiB in float32 for ``width = D``): measured on one CPU thread, chunks
+of 2048-8192 rows of an MLP of width 64 (D = 128, batch 256) ran about 1.5x faster than one chunk
+of 32768 rows, whose temporaries no longer stay in cache (and are page-faulted in anew).
+"""
+
+
+def _chunk(chunk_size: int | None, batch: int, d: int) -> int:
+    """Basis vectors per chunk: ``chunk_size`` or as many as fit :data:`CHUNK_ELEMENTS`."""
+    if chunk_size is None:
+        return max(1, min(d, CHUNK_ELEMENTS // max(1, batch * d)))
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    return chunk_size
+
+
+def _basis_trace(vjp_fn: Callable, z: Tensor, chunk_size: int | None) -> Tensor:
+    r""":math:`\sum_i (e_i^\top J)_i` over the :math:`D` basis vectors, shape ``(batch,)``.
+
+    One vector-Jacobian product is vectorised (:func:`torch.func.vmap`) over a chunk of
+    :math:`c` basis vectors at a time, each broadcast over the batch; of the rows
+    :math:`e_i^\top J` of shape ``(c, batch, D)`` only the diagonal entries :math:`J_{ii}` are
+    read, so nothing of size :math:`D^2` per sample is multiplied or summed.
+    """
     batch, event = z.shape[0], z.shape[1:]
     d = math.prod(event)
-    eye = torch.eye(d, dtype=z.dtype, device=z.device).reshape(d, 1, *event)
-    return eye.expand(d, batch, *event)
+    eye = torch.eye(d, dtype=z.dtype, device=z.device)
+
+    def row(e: Tensor) -> Tensor:
+        (ej,) = vjp_fn(e.reshape(1, *event).expand(batch, *event))
+        return ej
+
+    rows = torch.func.vmap(row)
+    chunk = _chunk(chunk_size, batch, d)
+    div = None
+    for start in range(0, d, chunk):
+        stop = min(d, start + chunk)
+        ej = rows(eye[start:stop]).reshape(stop - start, batch, d)[:, :, start:stop]
+        part = torch.diagonal(ej, dim1=0, dim2=2).sum(-1)  # sum_i J_ii over this chunk
+        div = part if div is None else div + part
+    return z.new_zeros(batch) if div is None else div
 
 
 def _has_field_method(field) -> bool:
@@ -232,12 +273,12 @@ def _exact(
         return Divergence(f, div, sq.mean(0))
     f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
     _check_output(f, z)
-    basis = _basis(z)
-    d = basis.shape[0]
-    # the basis vectors and the Frobenius probes share one vectorised vector-Jacobian product
-    probes = basis if noise is None else torch.cat([basis, noise])
-    quad, sq = _probe_forms(vjp_fn, probes, chunk_size, noise is not None)
-    return Divergence(f, quad[:d].sum(0), None if noise is None else sq[d:].mean(0))
+    div = _basis_trace(vjp_fn, z, chunk_size)
+    if noise is None:
+        return Divergence(f, div, None)
+    # the probes need whole rows e^T J, not diagonals: their own (small) vectorised product
+    _, sq = _probe_forms(vjp_fn, noise, chunk_size, True)
+    return Divergence(f, div, sq.mean(0))
 
 
 def _hutchinson(
@@ -269,19 +310,26 @@ def divergence_exact(
 
         \operatorname{tr} J = \sum_{i=1}^{D} e_i^\top J e_i,
 
-    which costs about :math:`D` backward passes done as one batched pass. Memory grows as
-    :math:`D \times` one backward pass; ``chunk_size`` bounds it for large events (images).
+    which costs about :math:`D` backward passes, done as a few batched passes over chunks of
+    ``chunk_size`` basis vectors; only the diagonal entries :math:`(e_i^\top J)_i` are read.
+    A chunk's memory is about ``chunk_size`` backward passes; by default chunks hold
+    ``chunk_size * batch * D <=`` :data:`CHUNK_ELEMENTS` state elements (at least one basis
+    vector), which keeps them fast (cache-sized) and bounds memory for large events (images).
 
     Args:
         field: ``field(t, z) -> dz/dt`` of ``z``'s shape; batch elements must be independent.
         t: scalar time, passed to ``field`` unchanged.
         z: state of shape ``(batch, *event_shape)``; need not require gradients.
         field_aware: use the field's ``forward_with_divergence`` when it has one.
-        chunk_size: basis vectors per vectorised chunk (default: all at once).
+        chunk_size: basis vectors per vectorised chunk (default: from
+            :data:`CHUNK_ELEMENTS`, see above).
 
     Returns:
         ``(f, div)`` with ``f`` of shape ``(batch, *event_shape)`` and ``div`` of shape
         ``(batch,)``; differentiable when autograd is recording (see the module docstring).
+
+    Raises:
+        ValueError: ``chunk_size`` neither None nor a positive int.
 
     Example:
         >>> from cnf.fields import ConcatSquashMLP
@@ -350,7 +398,7 @@ def divergence(
     The Frobenius estimate always uses the probes in ``noise``, whichever the estimator:
 
     * Hutchinson: it reuses the vector-Jacobian products of the trace (no extra cost);
-    * exact, generic field: the probes join the basis vectors in the same vectorised product;
+    * exact, generic field: one extra vector-Jacobian product (K probes vectorised);
     * exact, field-aware: one extra vector-Jacobian product (K probes vectorised).
 
     Args:
@@ -360,8 +408,8 @@ def divergence(
             :func:`sample_noise`; required for ``"hutchinson"`` and for ``frobenius=True``,
             ignored otherwise.
         frobenius: also return the Frobenius-norm estimate (else ``frobenius`` is None).
-        field_aware, chunk_size: as for :func:`divergence_exact` (``chunk_size`` also chunks
-            the probes).
+        field_aware, chunk_size: as for :func:`divergence_exact` (a given ``chunk_size`` also
+            chunks the probes).
 
     Returns:
         :class:`Divergence` ``(f, div, frobenius)``, shapes ``(batch, *event_shape)``,
