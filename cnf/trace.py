@@ -181,7 +181,8 @@ def _check_output(f: Tensor, z: Tensor) -> None:
 
 def _per_sample(x: Tensor) -> Tensor:
     """Sum over the event dimensions: ``(batch, *event_shape) -> (batch,)``."""
-    return x.reshape(x.shape[0], -1).sum(1)
+    # the event size is spelled out: ``-1`` cannot be inferred for an empty batch
+    return x.reshape(x.shape[0], math.prod(x.shape[1:])).sum(1)
 
 
 def _probe_forms(
@@ -211,12 +212,17 @@ of 32768 rows, whose temporaries no longer stay in cache (and are page-faulted i
 """
 
 
+def _check_chunk(chunk_size: int | None) -> None:
+    if chunk_size is None:
+        return
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
 def _chunk(chunk_size: int | None, batch: int, d: int) -> int:
     """Basis vectors per chunk: ``chunk_size`` or as many as fit :data:`CHUNK_ELEMENTS`."""
     if chunk_size is None:
         return max(1, min(d, CHUNK_ELEMENTS // max(1, batch * d)))
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     return chunk_size
 
 
@@ -260,6 +266,7 @@ def _exact(
     chunk_size: int | None,
 ) -> Divergence:
     """Exact divergence; with ``noise``, also the Frobenius estimate from those probes."""
+    _check_chunk(chunk_size)
     if field_aware and _has_field_method(field):
         if noise is None:
             f, div = field.forward_with_divergence(t, z)
@@ -284,6 +291,7 @@ def _exact(
 def _hutchinson(
     field: Field, t: Tensor, z: Tensor, noise: Tensor, frobenius: bool, chunk_size: int | None
 ) -> Divergence:
+    _check_chunk(chunk_size)
     f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
     _check_output(f, z)
     quad, sq = _probe_forms(vjp_fn, noise, chunk_size, frobenius)
@@ -408,15 +416,15 @@ def divergence(
             :func:`sample_noise`; required for ``"hutchinson"`` and for ``frobenius=True``,
             ignored otherwise.
         frobenius: also return the Frobenius-norm estimate (else ``frobenius`` is None).
-        field_aware, chunk_size: as for :func:`divergence_exact` (a given ``chunk_size`` also
-            chunks the probes).
+        field_aware, chunk_size: as for :func:`divergence_exact` (and chunking the probes).
 
     Returns:
         :class:`Divergence` ``(f, div, frobenius)``, shapes ``(batch, *event_shape)``,
         ``(batch,)`` and ``(batch,)`` (or None).
 
     Raises:
-        ValueError: unknown estimator; ``noise`` missing or of the wrong shape, dtype or device.
+        ValueError: unknown estimator; ``noise`` missing or of the wrong shape, dtype or device;
+            ``chunk_size`` as for :func:`divergence_exact`.
 
     Example:
         >>> from cnf.fields import ConcatSquashMLP
