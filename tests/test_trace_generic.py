@@ -94,14 +94,14 @@ def test_generic_trace_of_a_conv_field_with_event_shape_2_3_3(chunk_size):
     assert expected.abs().min() > 1e-3
 
 
-def test_default_chunks_follow_chunk_elements(monkeypatch):
+def test_default_chunks_follow_chunk_rows(monkeypatch):
     field = _mlp(17)
     z = torch.randn(5, 17, dtype=F64)
     _, whole = divergence_exact(field, T, z, field_aware=False)
-    monkeypatch.setattr(cnf.trace, "CHUNK_ELEMENTS", 3 * 5 * 17)  # chunks of 3 basis vectors
+    monkeypatch.setattr(cnf.trace, "CHUNK_ROWS", 3 * 5)  # chunks of 3 basis vectors
     _, chunked = divergence_exact(field, T, z, field_aware=False)
     torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
-    monkeypatch.setattr(cnf.trace, "CHUNK_ELEMENTS", 1)  # below one vector: one at a time
+    monkeypatch.setattr(cnf.trace, "CHUNK_ROWS", 1)  # below one vector: one at a time
     _, single = divergence_exact(field, T, z, field_aware=False)
     torch.testing.assert_close(single, whole, rtol=0, atol=1e-12)
 
