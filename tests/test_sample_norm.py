@@ -11,6 +11,7 @@ import pytest
 import torch
 from test_agreeing_norms import ThreadSum, in_threads
 
+import cnf
 from cnf.ode import Backsolve, Checkpoint, agreeing_norms, solve
 from cnf.ode._adjoint import AdjointSolve
 from cnf.ode._control import rms_norm, rms_norms
@@ -124,3 +125,50 @@ def test_backsolve_gradients_with_the_sample_norm():
         )  # fmt: skip
         grads[opts is None] = torch.autograd.grad(sol.ys[-1].square().sum(), y0)[0]
     torch.testing.assert_close(grads[True], grads[False], rtol=1e-5, atol=1e-6)
+
+
+class SaturatingField(torch.nn.Module):
+    """``W2 tanh(W1 z + b)``: far from the origin every unit saturates, the field is constant
+    and its divergence vanishes, so far samples have (nearly) no error to control."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(16, 2, generator=g, dtype=torch.float64))
+        self.b = torch.nn.Parameter(torch.randn(16, generator=g, dtype=torch.float64))
+        self.w2 = torch.nn.Parameter(torch.randn(2, 16, generator=g, dtype=torch.float64) / 4)
+
+    def forward(self, t, z):
+        return torch.tanh(z @ self.w1.T + self.b) @ self.w2.T
+
+
+def near_and_far_batch(field: SaturatingField) -> torch.Tensor:
+    """One sample near the origin, then 63 far ones where every unit is saturated."""
+    g = torch.Generator().manual_seed(1)
+    far = 40 * torch.randn(4000, 2, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        far = far[(far @ field.w1.T + field.b).abs().min(1).values > 12][:63]
+    near = torch.tensor([[0.3, -0.2]], dtype=torch.float64)
+    return torch.cat([near, far])
+
+
+def test_cnf_log_prob_of_a_sample_does_not_depend_on_its_batch():
+    """At rtol = atol = 1e-5, the near sample's log_prob is within the tolerance of the
+    reference with the per-sample norm, and equals its log_prob alone to well inside it; the
+    batch's RMS lets its error grow several times (the far samples dilute it)."""
+    field = SaturatingField()
+    x = near_and_far_batch(field)
+    assert len(x) == 64
+    tol = 1e-5
+    flow = cnf.CNF(field, (2,), T=1.0, rtol=tol, atol=tol)
+    per_sample = cnf.CNF(field, (2,), T=1.0, rtol=tol, atol=tol, options={"norm": "sample"})
+    with torch.no_grad():
+        ref = flow.log_prob(x[:1], rtol=1e-12, atol=1e-12)[0]
+        alone = flow.log_prob(x[:1])[0]
+        err_rms = (flow.log_prob(x)[0] - ref).abs().item()
+        in_batch = flow.log_prob(x, options={"norm": "sample"})[0]  # a per-call override
+        torch.testing.assert_close(per_sample.log_prob(x)[0], in_batch, rtol=0, atol=0)
+    err_sample = (in_batch - ref).abs().item()
+    assert err_sample <= tol
+    assert (in_batch - alone).abs().item() <= 0.1 * tol
+    assert err_rms > 2 * err_sample
