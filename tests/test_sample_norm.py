@@ -63,6 +63,8 @@ def test_backsolve_measures_y_and_a_per_sample_and_g_whole():
         back = AdjointSolve(problem, cfg, strategy, params).backward_config
         assert back.sample_rows == rows and back.norm_sizes[:2] == (8, 8)
     assert AdjointSolve(problem, cfg, Checkpoint(), params).backward_config is None
+    with pytest.raises(ValueError, match="options=dict\\(norm='sample'\\)"):
+        Backsolve(norm="sample")
 
 
 def oscillator(t, y):
