@@ -14,7 +14,7 @@ from test_agreeing_norms import ThreadSum, in_threads
 import cnf
 from cnf.ode import Backsolve, Checkpoint, agreeing_norms, solve
 from cnf.ode._adjoint import AdjointSolve
-from cnf.ode._control import rms_norm, rms_norms
+from cnf.ode._control import _initial_step, rms_norm, rms_norms
 from cnf.ode._problem import Problem
 
 T = torch.tensor([0.0, 1.0], dtype=torch.float64)
@@ -174,3 +174,26 @@ def test_cnf_log_prob_of_a_sample_does_not_depend_on_its_batch():
     assert err_sample <= tol
     assert (in_batch - alone).abs().item() <= 0.1 * tol
     assert err_rms > 2 * err_sample
+
+
+def test_the_first_step_is_the_hardest_samples():
+    """Two samples at the same state, one 100 times faster: with the per-sample norm every
+    norm of the first-step estimate is the fast sample's, so the batch starts with the step
+    the fast sample takes alone; the batch's RMS halves its derivative's share and starts
+    with a longer step."""
+    rates = torch.tensor([[1.0], [100.0]], dtype=torch.float64)
+
+    def field(t, y):
+        return -rates[: len(y)] * y if len(y) == 2 else -100.0 * y
+
+    y0 = torch.ones(2, 3, dtype=torch.float64)
+
+    def first_step(y, options):
+        problem = Problem(field, y, T, 1e-6, 1e-6)
+        cfg = problem.config("dopri5", options)
+        f0 = problem.rhs(0.0, problem.y0)
+        return _initial_step(problem.rhs, cfg, 0.0, problem.y0, f0, 1.0, 1.0)
+
+    alone = first_step(y0[1:], None)
+    assert first_step(y0, {"norm": "sample"}) == alone
+    assert first_step(y0, None) > alone
