@@ -63,7 +63,9 @@ class SolverSettings:
         adjoint_options: torchdiffeq-style options turned into the strategy on construction
             (e.g. ``{"mode": "backsolve", "norm": "seminorm"}``); stored as None afterwards.
         options: solver options passed to :func:`cnf.ode.solve` (``step_size``,
-            ``max_num_steps``, ...), stored read-only.
+            ``max_num_steps``, ...), stored read-only. ``{"norm": "sample"}`` holds every
+            sample's error (z, log-density and regularizer channels) within the tolerances,
+            so a sample's log-density does not depend on its batch (see :mod:`cnf.ode`).
     """
 
     method: str = "dopri5"

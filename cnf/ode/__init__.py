@@ -17,9 +17,23 @@ asking for one says why and which method to use instead.
 Solver options (``options=``), all optional:
 
 * every Runge-Kutta method: ``step_size`` (fixed steps; a fixed-step method without it steps
-  from one output time to the next), ``max_num_steps`` (default 10000) and ``norm`` (a
-  function of the scaled error, in the state's structure, returning its norm; default: the
-  largest RMS over the tensors of the state);
+  from one output time to the next), ``max_num_steps`` (default 10000) and ``norm``, the error
+  norm of the scaled error ``e / (atol + rtol * max(|y0|, |y1|))`` that must be ``<= 1`` for a
+  step to stand:
+
+  - ``"rms"`` (default): the largest RMS over the tensors of the state, each over all its
+    entries, the whole batch together. It bounds the batch's root-mean-square error per step,
+    not each sample's: in a batch of ``B`` samples whose others have no error, one sample's
+    local error may reach ``sqrt(B)`` times the tolerance.
+  - ``"sample"``: every tensor of the state is ``(B, ...)`` with the batch first; each sample's
+    RMS within each tensor, the largest over the tensors and the samples. Every sample's local
+    error is then within the tolerance at every step, whatever else is in its batch (a sample
+    is no less accurate for being solved in a batch), at the cost of the steps the hardest
+    sample needs. Data-parallel processes (:func:`agreeing_norms`) take the largest over the
+    processes. In :class:`Backsolve`'s options, ``y`` and ``a`` are measured per sample and
+    the parameter gradients ``g`` (no batch) as one more section, unless the seminorm leaves
+    them out.
+  - a function of the scaled error, in the state's structure, returning its norm;
 * adaptive methods: ``first_step`` (default: Hairer, Norsett & Wanner's estimate),
   ``min_step`` (a floor: a step of ``min_step`` stands whatever its error, with a warning),
   ``max_step``, ``step_t`` (times to step onto, e.g. kinks of ``f``), ``jump_t`` (times where
@@ -32,9 +46,6 @@ Solver options (``options=``), all optional:
   ``step_size``), ``perturb`` (read ``f`` just inside each step's ends, for fields that jump
   on the grid) and ``interp`` (outputs between steps: ``"cubic"``, the default, or
   ``"linear"``, torchdiffeq's default).
-
-``func`` receives ``t`` in the state's dtype. Its methods ``callback_step``,
-``callback_accept_step`` and ``callback_reject_step`` (and their ``_adjoint`` variants, for the
 * ``scipy_solver``: ``solver`` (solve_ivp's method, default ``"LSODA"``), ``first_step``,
   ``max_step``, ``min_step`` (LSODA), and the Jacobian settings ``jac``, ``jac_sparsity``
   (Radau, BDF), ``lband``, ``uband`` (LSODA).

@@ -91,7 +91,9 @@ def _backsolve_config(
     ``y`` and ``a`` take the adjoint tolerances (per state tensor, like the forward), ``g`` the
     tightest of them. The error norm is the largest RMS over the sections (each tensor of
     ``y``, of ``a``, and ``g``), so the many gradient entries cannot average away the error of
-    the few state entries; the seminorm leaves ``g`` out.
+    the few state entries; the seminorm leaves ``g`` out. With ``options["norm"] ==
+    "sample"``: the largest RMS over the sections and the samples of ``y`` and ``a``, and
+    ``g``'s RMS as one section (it has no samples).
     """
     n_params = sum(p.numel() for p in params)
     tol_y = [
@@ -110,9 +112,14 @@ def _backsolve_config(
     if callable(strategy.norm):
         cfg = make_config(method, *tols, strategy.options, time_eps=problem.time_eps)
         return replace(cfg, norm=_user_adjoint_norm(problem, strategy.norm, params))
+    # the per-sample norm (options["norm"] == "sample"): y and a by the forward's samples, g
+    # (no batch dimension: a sum over the samples) measured whole, as one more row
+    rows = problem.rows()
+    rows = None if rows is None else (*rows, *rows) + (() if leave_out_g else (1,))
     cfg = make_config(
-        method, *tols, strategy.options, time_eps=problem.time_eps, norm_sizes=sections
-    )
+        method, *tols, strategy.options, time_eps=problem.time_eps, norm_sizes=sections,
+        rows=rows,
+    )  # fmt: skip
     # data-parallel processes each hold their shard's part of the gradient sum g: agreeing
     # norms add those parts up before measuring them (cnf.ode._agree)
     return cfg if leave_out_g else replace(cfg, shared=n_params)

@@ -61,6 +61,10 @@ class Config:
     not averaged away by a large one, and entries past the last section are left out of the
     norm (the adjoint's seminorm). ``None``: one RMS norm over the whole state. ``parts``: the
     shapes of a tuple state's tensors, so that errors can say where a value went non-finite.
+    ``sample_rows`` (``options["norm"] == "sample"``): for each section (or the whole state),
+    how many samples its entries split into, row-major: the norm is then the largest RMS over
+    the sections and the samples (:func:`rms_norm`); a section of one row (the adjoint's ``g``)
+    is measured whole. None: the sections' RMS over all their samples together.
 
     torchdiffeq's options (see :mod:`cnf.ode`): ``norm`` replaces the error norm (a function of
     the scaled error in the state's structure, wrapped by the caller to take the flat state);
@@ -89,6 +93,7 @@ class Config:
     parts: tuple[tuple[int, ...], ...] | None = None
     norm: Callable[[Tensor], Tensor] | None = None
     shared: int = 0
+    sample_rows: tuple[int, ...] | None = None
     landmarks: Landmarks | None = None
     perturb: bool = False
     grid_constructor: Callable | None = None
@@ -107,13 +112,21 @@ class Config:
 
 
 def rms_norm(cfg: Config, x: Tensor) -> float:
-    """The mixed RMS norm of a scaled error: the largest RMS over the sections of the state
-    (or the user's ``norm``); inside :func:`cnf.ode._agree.agreeing_norms`, over the sections
-    of every process's state together (a user's norm: the largest over the processes)."""
+    r"""The error norm of a scaled error ``x`` (the norm's part of the flat state).
+
+    Default: the largest RMS over the sections ``x_s`` of the state (``N_s`` entries each),
+    :math:`\max_s \|x_s\|_2 / \sqrt{N_s}`. Per-sample (``cfg.sample_rows``): each section as
+    ``B_s`` rows of ``N_s / B_s`` entries, the largest RMS over sections and rows,
+    :math:`\max_{s,b} \|x_{s,b}\|_2 / \sqrt{N_s / B_s}`. Or the user's ``norm``. Inside
+    :func:`cnf.ode._agree.agreeing_norms`: the RMS of every process's sections together; the
+    per-sample and the user's norms, the largest over the processes.
+    """
     reduce = current_reduce()
     if cfg.norm is not None:
         value = abs(float(cfg.norm(x)))
         return value if reduce is None else _agreed_max(reduce, value)
+    if cfg.sample_rows is not None:
+        return _sample_norms(cfg, (x,), reduce)[0]
     if reduce is not None:
         return _agreed_rms(cfg, (x,), reduce)[0]
     if cfg.norm_sizes is None or len(cfg.norm_sizes) == 1:
@@ -125,9 +138,43 @@ def rms_norm(cfg: Config, x: Tensor) -> float:
 def rms_norms(cfg: Config, *xs: Tensor) -> list[float]:
     """:func:`rms_norm` of each of ``xs``; agreeing processes combine them in one collective."""
     reduce = current_reduce()
+    if cfg.sample_rows is not None and cfg.norm is None:
+        return _sample_norms(cfg, xs, reduce)
     if reduce is None or cfg.norm is not None:
         return [rms_norm(cfg, x) for x in xs]
     return _agreed_rms(cfg, xs, reduce)
+
+
+def _sample_norms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
+    """The per-sample norm of each of ``xs``: the largest RMS over sections and samples.
+
+    Each section ``(N_s,)`` is viewed as ``(B_s, N_s / B_s)`` (the state's tensors are
+    batch-first, so a sample's entries are one row). One host read for all of ``xs``; when
+    norms agree, one collective taking the maximum over the processes, which is the maximum
+    over the whole batch (rows are never split between processes).
+    """
+    sizes = (xs[0].numel(),) if cfg.norm_sizes is None else cfg.norm_sizes
+    sections = [(n, rows) for n, rows in zip(sizes, cfg.sample_rows) if n > 0]
+    # each section's largest row norm, read in one transfer; the division by the row's
+    # sqrt(size) in Python (a few fewer tensor operations per step: small states feel each)
+    maxima = [
+        torch.linalg.vector_norm(p.reshape(rows, -1), dim=1).amax()
+        for x in xs
+        for p, rows in zip(x.reshape(-1).split(sizes) if len(sizes) > 1 else (x,), cfg.sample_rows)
+        if p.numel() > 0
+    ]
+    found = maxima[0].item() if len(maxima) == 1 else torch.stack(maxima).tolist()
+    found = [found] if len(maxima) == 1 else found
+    k = len(sections)
+    values = [
+        max(v / math.sqrt(n // rows) for v, (n, rows) in zip(found[j : j + k], sections))
+        for j in range(0, len(found), k)
+    ]
+    if reduce is not None:
+        totals = torch.tensor(values, dtype=torch.float64)
+        reduce(totals, "max")
+        values = totals.tolist()
+    return values
 
 
 def _agreed_rms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
@@ -203,7 +250,9 @@ def _initial_step(
 ) -> float:
     """Hairer, Norsett & Wanner (1993), Solving ODEs I, section II.4: an automatic first step.
 
-    Costs one extra evaluation of ``f``.
+    Costs one extra evaluation of ``f``. With the per-sample norm, each of the estimate's
+    norms ``d0, d1, d2`` is the largest over the samples, so the second estimate
+    ``(0.01 / max(d1, d2))^(1/q)`` is the smallest over the samples: the hardest sets the step.
     """
     with torch.no_grad():
         n = cfg.norm_size

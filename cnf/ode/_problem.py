@@ -24,6 +24,7 @@ from ._landmarks import Landmarks, check_times
 from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
 __all__ = [
+    "SAMPLE_NORM",
     "SCIPY_SOLVER",
     "Problem",
     "State",
@@ -95,6 +96,8 @@ def positive(name: str, value, *, optional: bool = False) -> float | None:
 
 
 SCIPY_SOLVER = "scipy_solver"
+SAMPLE_NORM = "sample"
+"""``options["norm"]`` of the per-sample norm: every sample's RMS error, the largest counts."""
 
 _ADAMS = (
     "it is a multistep method, and cnf's methods are one-step Runge-Kutta methods (no history "
@@ -214,8 +217,11 @@ def _option_value(key: str, value):
     if key in ("norm", "grid_constructor"):
         if key == "norm" and value == "rms":
             return None  # the default norm, named
+        if key == "norm" and value == SAMPLE_NORM:
+            return value
         if not callable(value):
-            raise ValueError(f"{name} must be a function, got {value!r}")
+            what = "'rms', 'sample' or a function" if key == "norm" else "a function"
+            raise ValueError(f"{name} must be {what}, got {value!r}")
         return value
     if key == "interp":
         if value not in ("linear", "cubic"):
@@ -251,10 +257,24 @@ def make_config(
     time_eps: float,
     norm_sizes: tuple[int, ...] | None = None,
     parts: tuple[tuple[int, ...], ...] | None = None,
+    rows: tuple[int, ...] | None = None,
 ) -> Config:
-    """Validate ``method`` and ``options`` and pack them with per-element tolerances."""
+    """Validate ``method`` and ``options`` and pack them with per-element tolerances.
+
+    ``rows``: the samples in each section of the norm (:attr:`Config.sample_rows`), which the
+    per-sample norm (``options["norm"] == "sample"``) takes; None where the state has no
+    batch dimension, which that norm then refuses.
+    """
     tab = get_tableau(method)
     options = check_options(options, tab.name, tab.adaptive)
+    if options.get("norm") == SAMPLE_NORM:
+        if rows is None:
+            raise ValueError(
+                "options['norm']='sample' needs every tensor of the state to have the batch "
+                "as its first dimension, of the same size; use 'rms' for this state"
+            )
+        del options["norm"]
+        options["sample_rows"] = rows
     # Times are Python floats (double precision) whatever dtype asks for: the option only
     # names torchdiffeq's choice, and double precision is its default and the safe one.
     options.pop("dtype", None)
@@ -408,7 +428,7 @@ class Problem:
         parts = tuple(tuple(s) for s in self.shapes) if self.is_tuple else None
         cfg = make_config(
             method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes,
-            parts=parts,
+            parts=parts, rows=self.rows(),
         )  # fmt: skip
         changes = {}
         if cfg.norm is not None:
@@ -420,6 +440,14 @@ class Problem:
         if callbacks is not None:
             changes["callbacks"] = callbacks
         return replace(cfg, **changes) if changes else cfg
+
+    def rows(self) -> tuple[int, ...] | None:
+        """The batch size ``B`` once per tensor of the state, if every tensor is ``(B, ...)``
+        with one ``B > 0`` (the per-sample norm's samples); None otherwise."""
+        batch = {s[0] if len(s) else 0 for s in self.shapes}
+        if len(batch) != 1 or 0 in batch:
+            return None
+        return (batch.pop(),) * len(self.shapes)
 
     def to_user(self, y: Tensor) -> State:
         """One flat state (shaped like ``self.y0``) in the user's structure."""

@@ -96,9 +96,15 @@ class Backsolve:
 
     def __post_init__(self) -> None:
         if not callable(self.norm) and self.norm not in NORMS:
+            hint = (
+                " (the per-sample norm is a solver option: "
+                "Backsolve(norm='rms' or 'seminorm', options=dict(norm='sample')))"
+                if self.norm == "sample"
+                else ""
+            )
             raise ValueError(
                 f"unknown adjoint norm {self.norm!r}; choose one of {', '.join(NORMS)}, or "
-                "pass a function of the tuple (t, *y, *adj_y, *adj_params)"
+                f"pass a function of the tuple (t, *y, *adj_y, *adj_params){hint}"
             )
         put = object.__setattr__  # frozen: normalise the fields once, here
         put(self, "rtol", _tolerance("adjoint_rtol", self.rtol))
