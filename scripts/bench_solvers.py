@@ -197,7 +197,9 @@ def forward_runners(method: str, tol: float) -> dict[str, Callable]:
     return runners
 
 
-def median_time(fn: Callable[[], object], budget: float = 1.0, max_reps: int = 15) -> float:
+def run_times(fn: Callable[[], object], budget: float, max_reps: int) -> list[float]:
+    """Seconds of each run of ``fn`` after a warm-up: at least 3, more while ``budget`` seconds
+    last, at most ``max_reps``."""
     fn()  # warm-up
     times = []
     start = time.perf_counter()
@@ -205,20 +207,17 @@ def median_time(fn: Callable[[], object], budget: float = 1.0, max_reps: int = 1
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return times
+
+
+def median_time(fn: Callable[[], object], budget: float = 1.0, max_reps: int = 15) -> float:
+    return statistics.median(run_times(fn, budget, max_reps))
 
 
 def best_time(fn: Callable[[], object], budget: float = 1.0, max_reps: int = 9) -> float:
     """The fastest of several runs: on a machine shared with other jobs, the run least slowed
     by them (the median moves by 2x with the neighbours' load)."""
-    fn()  # warm-up
-    times = []
-    start = time.perf_counter()
-    while len(times) < 3 or (time.perf_counter() - start < budget and len(times) < max_reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+    return min(run_times(fn, budget, max_reps))
 
 
 def loglog_interp(x: float, xs: list[float], ys: list[float]) -> float:

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from jacobians import jacobians, randomize
 from torch import nn
 
 from cnf.fields import ConcatSquashConvNet, ConcatSquashMLP
@@ -18,27 +19,9 @@ from cnf.trace import (
 F64 = torch.float64
 
 
-def _randomize(module, scale=0.8):
-    """O(1) weights instead of the default init, so Jacobians are far from zero."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn_like(p))
-    return module
-
-
-def _jacobians(field, t, z):
-    """Per-sample Jacobians from torch.autograd.functional.jacobian: (batch, D, D)."""
-    d = z[0].numel()
-    jacs = [
-        torch.autograd.functional.jacobian(lambda x: field(t, x[None])[0], zi).reshape(d, d)
-        for zi in z
-    ]
-    return torch.stack(jacs)
-
-
 def _mlp(dim=3, hidden=(6, 5, 4), activation="tanh", seed=0):
     torch.manual_seed(seed)
-    return _randomize(ConcatSquashMLP(dim, hidden=hidden, activation=activation).to(F64))
+    return randomize(ConcatSquashMLP(dim, hidden=hidden, activation=activation).to(F64))
 
 
 class _Linear(nn.Module):
@@ -65,18 +48,18 @@ def test_generic_exact_trace_equals_autograd_jacobian_mlp(activation):
     z = torch.randn(5, 3, dtype=F64)
     f, div = divergence_exact(field, T, z, field_aware=False)
     torch.testing.assert_close(f, field(T, z), rtol=0, atol=1e-14)
-    expected = torch.diagonal(_jacobians(field, T, z), dim1=-2, dim2=-1).sum(-1)
+    expected = torch.diagonal(jacobians(field, T, z), dim1=-2, dim2=-1).sum(-1)
     torch.testing.assert_close(div, expected, rtol=0, atol=1e-10)
     assert expected.abs().max() > 1e-2
 
 
 def test_generic_exact_trace_equals_autograd_jacobian_conv():
     torch.manual_seed(1)
-    field = _randomize(ConcatSquashConvNet(2, hidden_channels=(4, 3)).to(F64), 0.5)
+    field = randomize(ConcatSquashConvNet(2, hidden_channels=(4, 3)).to(F64), 0.5)
     z = torch.randn(3, 2, 3, 4, dtype=F64)
     f, div = divergence_exact(field, T, z)
     assert f.shape == z.shape and div.shape == (3,)
-    expected = torch.diagonal(_jacobians(field, T, z), dim1=-2, dim2=-1).sum(-1)
+    expected = torch.diagonal(jacobians(field, T, z), dim1=-2, dim2=-1).sum(-1)
     torch.testing.assert_close(div, expected, rtol=0, atol=1e-10)
     _, chunked = divergence_exact(field, T, z, chunk_size=5)
     torch.testing.assert_close(chunked, div, rtol=0, atol=1e-12)
@@ -124,7 +107,7 @@ def test_exact_gradients_generic_and_field_aware_agree():
 
 def test_exact_gradcheck_generic_conv_on_z():
     torch.manual_seed(3)
-    field = _randomize(ConcatSquashConvNet(1, hidden_channels=(2,), activation="tanh").to(F64))
+    field = randomize(ConcatSquashConvNet(1, hidden_channels=(2,), activation="tanh").to(F64))
     z = torch.randn(2, 1, 2, 3, dtype=F64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda z: divergence_exact(field, T, z)[1], (z,))
 
@@ -136,7 +119,7 @@ def test_exact_gradcheck_generic_conv_on_z():
 def test_hutchinson_is_unbiased_with_nonzero_variance(kind):
     field = _mlp(dim=3, hidden=(8, 8), activation="swish")
     z = torch.randn(4, 3, dtype=F64)
-    jac = _jacobians(field, T, z)
+    jac = jacobians(field, T, z)
     exact = torch.diagonal(jac, dim1=-2, dim2=-1).sum(-1)
     frob = jac.square().sum((-2, -1))
     probes = 4000
@@ -199,7 +182,7 @@ def test_frobenius_uses_the_probes_on_every_path(hidden):
     field = _mlp(dim=3, hidden=hidden)
     z = torch.randn(4, 3, dtype=F64, requires_grad=True)
     noise = sample_noise(z.shape, "gaussian", probes=3, dtype=F64)
-    jac = _jacobians(field, T, z.detach())
+    jac = jacobians(field, T, z.detach())
     expected = torch.einsum("kbi,bij->kbj", noise, jac).square().sum(-1).mean(0)
     results = [
         divergence(field, T, z, noise=noise, frobenius=True),

@@ -7,6 +7,7 @@ calls, whatever the chunking of the basis vectors.
 
 import pytest
 import torch
+from jacobians import jacobians, randomize
 from torch import nn
 
 import cnf.trace
@@ -15,25 +16,6 @@ from cnf.trace import divergence, divergence_exact, sample_noise
 
 F64 = torch.float64
 T = torch.tensor(0.7, dtype=F64)
-
-
-def _randomize(module, scale=0.6):
-    """O(1) weights, so that the Jacobians are far from zero and from each other."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(scale * torch.randn_like(p))
-    return module
-
-
-def _jacobians(field, t, z):
-    """Per-sample Jacobians of the flattened event, ``(batch, D, D)``."""
-    d = z[0].numel()
-    return torch.stack(
-        [
-            torch.autograd.functional.jacobian(lambda x: field(t, x[None])[0], zi).reshape(d, d)
-            for zi in z
-        ]
-    )
 
 
 def _loop_trace(field, t, z):
@@ -61,16 +43,18 @@ class _TimeField(nn.Module):
 
 def _mlp(dim, seed=0):
     torch.manual_seed(seed)
-    return _randomize(ConcatSquashMLP(dim, hidden=(7, 6), activation="softplus").to(F64))
+    return randomize(ConcatSquashMLP(dim, hidden=(7, 6), activation="softplus").to(F64), scale=0.6)
 
 
 def _conv(seed=0):
     torch.manual_seed(seed)
-    return _randomize(ConcatSquashConvNet(2, hidden_channels=(3, 4), activation="tanh").to(F64))
+    return randomize(
+        ConcatSquashConvNet(2, hidden_channels=(3, 4), activation="tanh").to(F64), scale=0.6
+    )
 
 
 def _trace(field, t, z):
-    return torch.diagonal(_jacobians(field, t, z), dim1=-2, dim2=-1).sum(-1)
+    return torch.diagonal(jacobians(field, t, z), dim1=-2, dim2=-1).sum(-1)
 
 
 @pytest.mark.parametrize("dim", [3, 17])
@@ -146,7 +130,7 @@ def test_frobenius_estimate_with_the_generic_trace(make, shape):
     z = torch.randn(shape, dtype=F64)
     noise = sample_noise(z.shape, "gaussian", probes=3, dtype=F64)
     res = divergence(field, T, z, noise=noise, frobenius=True, field_aware=False, chunk_size=3)
-    jac = _jacobians(field, T, z)
+    jac = jacobians(field, T, z)
     rows = torch.einsum("kbi,bij->kbj", noise.reshape(3, len(z), -1), jac)
     torch.testing.assert_close(res.frobenius, rows.square().sum(-1).mean(0), rtol=1e-10, atol=0)
     torch.testing.assert_close(res.div, _trace(field, T, z), rtol=0, atol=1e-10)
