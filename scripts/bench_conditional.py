@@ -79,7 +79,14 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_tabular import Run, cpu_name, finish, parameters, run_cnf, train_on_clock  # noqa: E402
+from bench_tabular import (  # noqa: E402
+    Run,
+    cpu_name,
+    finish,
+    parameters,
+    run_cnf,
+    train_peer,
+)
 
 from cnf import recipes  # noqa: E402
 from cnf.data import conditional_density  # noqa: E402
@@ -263,17 +270,11 @@ def run_zuko(bench: Bench, label: str, args) -> Run:
 
     run = Run(bench.name, label, args, lambda: bench.score(density, val), snapshot, test_score)
 
-    def step(i: int) -> None:
-        x, c = split_context(batches(i))
-        loss = -density.log_prob(x, c).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    def loss_of(batch) -> torch.Tensor:
+        x, c = split_context(batch)
+        return -density.log_prob(x, c).mean()
 
-    it = train_on_clock(run, step)
-    seconds = run.clock.elapsed()
-    if run.best_state is None:
-        raise RuntimeError(f"{bench.name} {label}: no finite validation score in the budget")
+    it, seconds = train_peer(run, optimizer, loss_of, batches, f"{bench.name} {label}")
     with run.clock.pause():
         final = test_score(run.best_state)
         check = None if bench.units is None else bench.units(spare, test)

@@ -334,6 +334,27 @@ def train_on_clock(run: Run, step) -> int:
         it += 1
 
 
+def train_peer(run: Run, optimizer, loss_of, batches, what: str) -> tuple[int, float]:
+    """Train a peer with Adam-style ``optimizer`` on ``loss_of(batches(i))`` on ``run``'s clock
+    (:func:`train_on_clock`); returns the steps taken and the training seconds.
+
+    Raises:
+        RuntimeError: no validation score was finite within the budget (``what`` says whose).
+    """
+
+    def step(i: int) -> None:
+        loss = loss_of(batches(i))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+    it = train_on_clock(run, step)
+    seconds = run.clock.elapsed()
+    if run.best_state is None:
+        raise RuntimeError(f"{what}: no finite validation score in the budget")
+    return it, seconds
+
+
 def run_zuko(name, kind, recipe, data, args, val, test) -> Run:
     train = data.part("train")
     mean, std = train.mean(0), train.std(0)  # what cnf's Standardize step fits
@@ -356,17 +377,8 @@ def run_zuko(name, kind, recipe, data, args, val, test) -> Run:
         return zuko_nll(flow, val, mean, std)
 
     run = Run(name, kind, args, validate, snapshot, score)
-
-    def step(i: int) -> None:
-        loss = -flow().log_prob(batches(i)).mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-
-    it = train_on_clock(run, step)
-    seconds = run.clock.elapsed()
-    if run.best_state is None:
-        raise RuntimeError(f"{name} {kind}: no finite validation NLL in the budget")
+    what = f"{name} {kind}"
+    it, seconds = train_peer(run, optimizer, lambda x: -flow().log_prob(x).mean(), batches, what)
     with run.clock.pause():
         spare.load_state_dict(run.best_state)
         final = zuko_nll(spare, test, mean, std)
