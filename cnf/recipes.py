@@ -455,6 +455,12 @@ class Record:
         return recipe.record(root=state.get("root") or None)
 
 
+def _refuse_translate(translate: float | None) -> None:
+    """Fresh 2-D draws have no pixels to move: a ``--translate`` value is an error."""
+    if translate is not None:
+        raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
+
+
 class FreshDraws:
     """A 2-D toy data set: the training batches and every held-out part are fresh draws."""
 
@@ -481,8 +487,7 @@ class FreshDraws:
         """Fresh training batches, ``sampler(n, generator)`` (:func:`cnf.data.toy_sampler`)."""
         from .data import toy_sampler
 
-        if translate is not None:
-            raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
+        _refuse_translate(translate)
         return toy_sampler(self.name)
 
     def part(self, name: str, *, seed: int = 0, n: int | None = None) -> Tensor:
@@ -592,8 +597,7 @@ class ConditionalDraws(FreshDraws):
         """Fresh training pairs, ``sampler(n, generator) -> (points, contexts)``."""
         from .data import conditional_sampler
 
-        if translate is not None:
-            raise ValueError("--translate moves images by a pixel; it does not apply to 2-D data")
+        _refuse_translate(translate)
         return conditional_sampler(self.name)
 
     def part(self, name: str, *, seed: int = 0, n: int | None = None) -> tuple[Tensor, Tensor]:
