@@ -124,7 +124,7 @@ def rms_norm(cfg: Config, x: Tensor) -> float:
     reduce = current_reduce()
     if cfg.norm is not None:
         value = abs(float(cfg.norm(x)))
-        return value if reduce is None else _agreed_max(reduce, value)
+        return value if reduce is None else _agreed_max(reduce, [value])[0]
     if cfg.sample_rows is not None:
         return _sample_norms(cfg, (x,), reduce)[0]
     if reduce is not None:
@@ -153,40 +153,33 @@ def _sample_norms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
     norms agree, one collective taking the maximum over the processes, which is the maximum
     over the whole batch (rows are never split between processes).
     """
-    sizes = (xs[0].numel(),) if cfg.norm_sizes is None else cfg.norm_sizes
+    sizes = _section_sizes(cfg, xs[0])
     sections = [(n, rows) for n, rows in zip(sizes, cfg.sample_rows) if n > 0]
     # each section's largest row norm, read in one transfer; the division by the row's
     # sqrt(size) in Python (a few fewer tensor operations per step: small states feel each)
     maxima = [
         torch.linalg.vector_norm(p.reshape(rows, -1), dim=1).amax()
         for x in xs
-        for p, rows in zip(x.reshape(-1).split(sizes) if len(sizes) > 1 else (x,), cfg.sample_rows)
+        for p, rows in zip(_sections(x, sizes), cfg.sample_rows)
         if p.numel() > 0
     ]
-    found = maxima[0].item() if len(maxima) == 1 else torch.stack(maxima).tolist()
-    found = [found] if len(maxima) == 1 else found
+    found = [maxima[0].item()] if len(maxima) == 1 else torch.stack(maxima).tolist()
     k = len(sections)
     values = [
         max(v / math.sqrt(n // rows) for v, (n, rows) in zip(found[j : j + k], sections))
         for j in range(0, len(found), k)
     ]
-    if reduce is not None:
-        totals = torch.tensor(values, dtype=torch.float64)
-        reduce(totals, "max")
-        values = totals.tolist()
-    return values
+    return values if reduce is None else _agreed_max(reduce, values)
 
 
 def _agreed_rms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
     """For each of ``xs``: the sections' sums of squares and sizes, added over the processes,
     then the largest RMS. One collective of ``2 * sections * len(xs)`` numbers, in float64,
     so that the sum of the processes' squares is the one-process sum to rounding."""
-    sizes = (xs[0].numel(),) if cfg.norm_sizes is None else cfg.norm_sizes
+    sizes = _section_sizes(cfg, xs[0])
     k = len(sizes)
     squares = [
-        torch.linalg.vector_norm(p, dtype=torch.float64)
-        for x in xs
-        for p in (x.split(sizes) if k > 1 else (x,))
+        torch.linalg.vector_norm(p, dtype=torch.float64) for x in xs for p in _sections(x, sizes)
     ]
     counts = torch.tensor(sizes * len(xs), dtype=torch.float64, device=xs[0].device)
     totals = torch.cat([torch.stack(squares).square(), counts]).cpu()
@@ -200,10 +193,21 @@ def _agreed_rms(cfg: Config, xs: tuple[Tensor, ...], reduce) -> list[float]:
     ]
 
 
-def _agreed_max(reduce, value: float) -> float:
-    totals = torch.tensor([value], dtype=torch.float64)
+def _agreed_max(reduce, values: list[float]) -> list[float]:
+    """``values``, each the largest over the processes (one collective)."""
+    totals = torch.tensor(values, dtype=torch.float64)
     reduce(totals, "max")
-    return totals.item()
+    return totals.tolist()
+
+
+def _section_sizes(cfg: Config, x: Tensor) -> tuple[int, ...]:
+    """The sizes of the norm's sections of ``x`` (one section: all of it)."""
+    return (x.numel(),) if cfg.norm_sizes is None else cfg.norm_sizes
+
+
+def _sections(x: Tensor, sizes: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """The flat ``x`` cut into sections of ``sizes`` (no split for one section)."""
+    return x.reshape(-1).split(sizes) if len(sizes) > 1 else (x,)
 
 
 def _shared(cfg: Config, *tensors: Tensor) -> tuple[Tensor, ...]:
