@@ -54,9 +54,11 @@ __all__ = [
     "World",
     "current",
     "finish",
+    "free_port",
     "init",
     "launch",
     "launched",
+    "loopback_interface",
     "parallel_model",
     "share_rows",
     "sum_over",
@@ -293,13 +295,13 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     if not (isinstance(nproc, int) and nproc >= 1):
         raise ValueError(f"--nproc must be a positive number of processes, got {nproc!r}")
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    loopback = _loopback_interface()
+    loopback = loopback_interface()
     if loopback is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", loopback)
     args = [
         f"--nproc-per-node={nproc}",
         "--master-addr=127.0.0.1",
-        f"--master-port={_free_port()}",
+        f"--master-port={free_port()}",
         "--module",
         "cnf",
         *argv,
@@ -314,13 +316,14 @@ def launch(nproc: int, argv: Sequence[str]) -> int:
     return 0
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for a one-machine rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _loopback_interface() -> str | None:
+def loopback_interface() -> str | None:
     """The loopback interface's name (``lo`` on Linux, ``lo0`` on macOS), if there is one."""
     try:
         names = [name for _, name in socket.if_nameindex()]

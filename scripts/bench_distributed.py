@@ -40,11 +40,9 @@ table to ``--out`` and the raw numbers of every process of every run to the same
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -212,19 +210,13 @@ def run_worker(args: argparse.Namespace) -> None:
 # --- the driver: runs the workers ---------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def worker_env() -> dict[str, str]:
-    """A clean environment: no torchrun variables of our own, one thread, gloo on ``lo``."""
+    """A clean environment: no torchrun variables of our own, one thread, gloo on loopback."""
     env = {k: v for k, v in os.environ.items() if k not in DISTRIBUTED_ENV}
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    with contextlib.suppress(OSError, AttributeError):
-        if "lo" in [name for _, name in socket.if_nameindex()]:
-            env["GLOO_SOCKET_IFNAME"] = "lo"
+    loopback = distributed.loopback_interface()
+    if loopback is not None:
+        env["GLOO_SOCKET_IFNAME"] = loopback
     return env
 
 
@@ -240,7 +232,7 @@ def run_once(args, recipe: str, processes: int, agree: str) -> list[dict]:
         command = [sys.executable]
         if processes > 1:
             command += ["-m", "torch.distributed.run", f"--nproc-per-node={processes}"]
-            command += ["--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+            command += ["--master-addr=127.0.0.1", f"--master-port={distributed.free_port()}"]
         run_command(command + worker, args.timeout)
         results = [json.loads(Path(folder, f"rank{r}.json").read_text()) for r in range(processes)]
     return results

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,17 +20,11 @@ HERE = Path(__file__).parent
 TIMEOUT = 240  # seconds: a hang fails the test instead of stalling the suite
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def environment() -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    names = [name for _, name in socket.if_nameindex()]
-    if "lo" in names:
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    loopback = cnf.distributed.loopback_interface()
+    if loopback is not None:
+        env.setdefault("GLOO_SOCKET_IFNAME", loopback)
     return env
 
 
@@ -39,7 +32,7 @@ def torchrun(args: list[str], **env: str) -> subprocess.CompletedProcess:
     """``torchrun --nproc-per-node 2 <args>`` on 127.0.0.1, stopped after :data:`TIMEOUT`."""
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-        "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args,
+        "--master-addr=127.0.0.1", f"--master-port={cnf.distributed.free_port()}", *args,
     ]  # fmt: skip
     return subprocess.run(
         command, capture_output=True, text=True, timeout=TIMEOUT, env={**environment(), **env}
