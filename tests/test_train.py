@@ -115,7 +115,9 @@ def test_short_run_lowers_held_out_nll():
     assert history.loss == history.nll  # no regularizers: the loss is the NLL
     assert all(math.isfinite(v) for v in history.loss)
     assert all(n > 0 for n in history.nfe_forward)
-    assert all(n > 0 for n in history.nfe_backward)  # the adjoint is the default
+    # the checkpoint adjoint is the default, and keeps this small model's whole graph: its
+    # backward pass replays no step
+    assert all(n == 0 for n in history.nfe_backward)
     assert all(s > 0 for s in history.seconds)
     assert History.from_dict(history.to_dict()) == history
 

@@ -19,6 +19,7 @@ from torch.autograd.function import once_differentiable
 from ._callbacks import callbacks_of
 from ._control import Config
 from ._integrate import Counts, integrate
+from ._keep import GraphKeep
 from ._landmarks import step_sides
 from ._output import Record
 from ._problem import Problem, make_config, tolerance_vector
@@ -53,6 +54,8 @@ class AdjointSolve:
             if isinstance(strategy, Backsolve)
             else None
         )
+        # bytes of graph the checkpoint's forward solve keeps (cnf.ode._keep); 0: replay all
+        self.graph_memory = 0 if self.backward_config is not None else strategy.graph_memory
         self.forward_counts = Counts()
         self.on_backward: Callable[[Counts], None] = lambda counts: None
         # func's callback_step_adjoint & co.: on each replayed step (checkpoint) or with the
@@ -62,6 +65,8 @@ class AdjointSolve:
         )
         if self.backward_config is not None and self.callbacks is not None:
             self.backward_config = replace(self.backward_config, callbacks=self.callbacks)
+        if self.callbacks is not None:  # they are called on the replayed steps
+            self.graph_memory = 0
 
     def _augmented_to_user(self, z: Tensor) -> tuple:
         """A flat state ``y`` (checkpoint replay) or ``[y, a, g]`` (backsolve) for callbacks."""
@@ -149,22 +154,40 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, solve: AdjointSolve, t: Tensor, y0: Tensor, *params: Tensor) -> Tensor:
         record = Record() if solve.backward_config is None else None
-        problem = solve.problem
-        outs, solve.forward_counts = integrate(
-            problem.rhs, y0, problem.ts, solve.config, record=record
-        )
+        problem, ctx.kept = solve.problem, False
+        if record is not None and solve.graph_memory > 0:
+            record.keep = GraphKeep(solve.graph_memory)
+            y0 = y0.detach().requires_grad_(True)  # where the kept graph starts
+            with torch.enable_grad():
+                outs, solve.forward_counts = integrate(
+                    record.keep.measured(problem.rhs), y0, problem.ts, solve.config, record=record
+                )
+            keep = record.keep
+            keep.finish(len(record.steps))
+            # the kept graph goes into saved tensors, which autograd frees with the caller's
+            # graph (and keeps for a retain_graph=True caller), never into attributes of ctx
+            kept = (y0, keep.cut_state, *outs) if keep.kept else ()
+            ctx.kept, keep.cut_state = bool(kept), None
+            outs = [y.detach() for y in outs]
+        else:
+            kept = ()
+            outs, solve.forward_counts = integrate(
+                problem.rhs, y0, problem.ts, solve.config, record=record
+            )
         ys = torch.stack(outs)
         ctx.solve, ctx.record = solve, record
-        ctx.save_for_backward(ys)
+        ctx.save_for_backward(ys, *kept)
         return ys
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_ys: Tensor):
         solve: AdjointSolve = ctx.solve
-        (ys,) = ctx.saved_tensors
+        ys, *kept = ctx.saved_tensors
         if ctx.record is not None:
-            grad_y0, grad_params, counts = _checkpoint_backward(solve, ctx.record, grad_ys)
+            grad_y0, grad_params, counts = _checkpoint_backward(
+                solve, ctx.record, grad_ys, kept if ctx.kept else None
+            )
         else:
             grad_y0, grad_params, counts = _backsolve_backward(solve, ys, grad_ys)
         grad_t = None
@@ -185,11 +208,14 @@ def _vjp_filler(params: tuple[Tensor, ...]) -> Callable[[tuple], list[Tensor]]:
     return fill
 
 
-def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
+def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor, kept):
     """``a_n = (d y_{n+1} / d y_n)^T a_{n+1}`` over the recorded steps, last to first.
 
     An output read inside step ``n`` by dense output adds its own vector-Jacobian product;
-    one at a step's end point joins ``a`` before that step is replayed.
+    one at a step's end point joins ``a`` before that step is replayed. With ``kept = [y0,
+    cut_state, *outputs]``, the forward solve kept the graph of its first ``record.keep.kept``
+    steps: those are not replayed but backpropagated through, from ``cut_state`` (where
+    replaying ended; None if no step was replayed) and from their outputs.
     """
     params = solve.params
     fill = _vjp_filler(params)
@@ -206,7 +232,8 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
 
     a = torch.zeros_like(grad_ys[0])
     grad_params = [torch.zeros_like(p) for p in params]
-    for n in range(len(record.steps) - 1, -1, -1):
+    first = record.keep.kept if kept is not None else 0  # the first step replayed
+    for n in range(len(record.steps) - 1, first - 1, -1):
         interior = []
         for i, theta in by_step.get(n, ()):
             if theta is None:
@@ -224,9 +251,35 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor):
         for acc, g in zip(grad_params, fill(grads[1:])):
             acc.add_(g)
         counts.n_accepted += 1
+    if kept is not None:
+        a = _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params)
+        return a, grad_params, counts
     for i, _ in by_step.get(-1, ()):
         a = a + grad_ys[i]
     return a, grad_params, counts
+
+
+def _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params) -> Tensor:
+    """Backpropagate through the kept steps: from the state where replaying stopped (with
+    cotangent ``a``) and from the outputs read in those steps; adds to ``grad_params`` and
+    returns the gradient of ``y0``."""
+    y0, cut_state, *outs = kept
+    outputs, cotangents = [], []
+    if cut_state is not None:
+        outputs.append(cut_state)
+        cotangents.append(a)
+    for n in range(-1, record.keep.kept):
+        for i, _ in by_step.get(n, ()):
+            outputs.append(outs[i])
+            cotangents.append(grad_ys[i])
+    # retain_graph: a caller's retain_graph=True may call this backward again; the graph is
+    # freed with the saved tensors that hold it
+    grads = torch.autograd.grad(
+        outputs, (y0, *solve.params), cotangents, retain_graph=True, allow_unused=True
+    )
+    for acc, g in zip(grad_params, _vjp_filler(solve.params)(grads[1:])):
+        acc.add_(g)
+    return grads[0] if grads[0] is not None else torch.zeros_like(y0)
 
 
 def _replay_step(solve: AdjointSolve, rhs, step, a: Tensor, interior: list[tuple[Tensor, float]]):

@@ -79,13 +79,12 @@ def integrate(
         if sides is not None:
             h, t_next, step_f, k0 = sides.plan(t, h, t_next, y, k0)
         check_step(cfg, t, h, t_next, getattr(control, "failure", None))
+        if record is not None and record.keep is not None:  # see cnf.ode._keep
+            y, k0 = record.keep.before_step(tab.stages, counts.n_accepted, y, k0)
         cb.step(t, y, h)
         y1, ks = rk_step(step_f, tab, t, y, k0, h)
         if not control.accept(ks, y1, h, t):
-            counts.n_rejected, rejected = counts.n_rejected + 1, rejected + 1
-            cb.reject(t, y, h)
-            if rejected > _MAX_REJECTIONS:  # a guard: shrinking steps end in underflow first
-                raise _stuck(t, h, rejected)
+            rejected = _reject(counts, cb, t, y, h, rejected + 1)
             continue
         counts.n_accepted, rejected = counts.n_accepted + 1, 0
         if counts.n_accepted > cfg.max_num_steps:
@@ -98,6 +97,15 @@ def integrate(
     counts.step_size = control.step_size
     _check_finite_end(cfg, ts, out.ys, h)
     return out.ys, counts
+
+
+def _reject(counts: Counts, cb, t: float, y: Tensor, h: float, rejected: int) -> int:
+    """Count a rejected step (the ``rejected``-th in a row) and tell the callbacks."""
+    counts.n_rejected += 1
+    cb.reject(t, y, h)
+    if rejected > _MAX_REJECTIONS:  # a guard: shrinking steps end in underflow first
+        raise _stuck(t, h, rejected)
+    return rejected
 
 
 class _Sides:

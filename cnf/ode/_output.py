@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from ._keep import GraphKeep
 from ._rk import dense_output
 from .tableaus import ButcherTableau
 
@@ -33,6 +34,7 @@ class Record:
 
     steps: list[tuple[float, float, Tensor]] = field(default_factory=list)
     outputs: list[tuple[int, float | None]] = field(default_factory=list)
+    keep: GraphKeep | None = None  # the first steps' graph, kept by the forward solve
 
 
 class Outputs:
@@ -113,7 +115,9 @@ class RecordedOutputs(Outputs):
 
     def emit(self, rhs, t, y, h, t_next, y1, ks):
         k_end = super().emit(rhs, t, y, h, t_next, y1, ks)
-        self.record.steps.append((t, h, y))
+        self.record.steps.append((t, h, y.detach()))  # a kept graph stays out of the record
+        if self.record.keep is not None:
+            self.record.keep.accepted()
         return k_end
 
     def _store(self, y_out: Tensor, theta: float | None) -> None:
