@@ -605,9 +605,11 @@ def bench_memory(steps=(10, 40, 160, 640)) -> str:
             # by default the checkpoint keeps up to 64 MiB of the forward's graph (the first
             # steps') instead of replaying them; graph_memory=0 replays every step
             "cnf checkpoint": lambda f, y: cnf.odeint_adjoint(f, y, t, method="rk4", options=opts),
-            "cnf checkpoint, graph_memory=0": lambda f, y: cnf.solve(
-                f, y, t, method="rk4", options=opts, adjoint=cnf.ode.Checkpoint(graph_memory=0)
-            ).ys,
+            "cnf checkpoint, graph_memory=0": lambda f, y: (
+                cnf.solve(
+                    f, y, t, method="rk4", options=opts, adjoint=cnf.ode.Checkpoint(graph_memory=0)
+                ).ys
+            ),
             "cnf backsolve": lambda f, y: cnf.odeint_adjoint(
                 f,
                 y,
