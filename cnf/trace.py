@@ -213,6 +213,36 @@ backward pass over a batch of 2048 samples, whatever ``D`` (images).
 """
 
 
+def _vjp(fn: Callable, z: Tensor, probes: int, has_aux: bool = False):
+    """``torch.func.vjp(fn, z, has_aux=...)``, by plain autograd for one probe while a graph
+    is being built (training).
+
+    Training records the graph anyway, and plain autograd leaves it open to saved-tensor
+    hooks, which ``torch.func`` refuses: the checkpoint adjoint measures its graph with one
+    (:mod:`cnf.ode._keep`), and keeps it only if it can. Several probes are vectorised with
+    :func:`torch.func.vmap`, which needs ``torch.func``'s own product, as do transformed inputs.
+    """
+    if probes != 1 or not torch.is_grad_enabled() or _transformed(z):
+        return torch.func.vjp(fn, z, has_aux=has_aux)
+    x = z if z.requires_grad else z.detach().requires_grad_(True)
+    out = fn(x)
+    f, aux = out if has_aux else (out, None)
+
+    def vjp_fn(e: Tensor) -> tuple[Tensor]:
+        if not f.requires_grad:  # f does not depend on x (nor on any parameter)
+            return (torch.zeros_like(x),)
+        (g,) = torch.autograd.grad(f, x, e, create_graph=True, retain_graph=True, allow_unused=True)
+        return (torch.zeros_like(x) if g is None else g,)
+
+    return (f, vjp_fn, aux) if has_aux else (f, vjp_fn)
+
+
+def _transformed(x: Tensor) -> bool:
+    """Whether ``x`` is wrapped by a ``torch.func`` transform (vmap, grad, ...)."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return True if check is None else bool(check(x))
+
+
 def _check_chunk(chunk_size: int | None) -> None:
     if chunk_size is None:
         return
@@ -273,8 +303,8 @@ def _exact(
             f, div = field.forward_with_divergence(t, z)
             _check_output(f, z)
             return Divergence(f, div, None)
-        f, vjp_fn, div = torch.func.vjp(
-            lambda x: field.forward_with_divergence(t, x), z, has_aux=True
+        f, vjp_fn, div = _vjp(
+            lambda x: field.forward_with_divergence(t, x), z, noise.shape[0], has_aux=True
         )
         _check_output(f, z)
         _, sq = _probe_forms(vjp_fn, noise, chunk_size, True)
@@ -293,7 +323,7 @@ def _hutchinson(
     field: Field, t: Tensor, z: Tensor, noise: Tensor, frobenius: bool, chunk_size: int | None
 ) -> Divergence:
     _check_chunk(chunk_size)
-    f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
+    f, vjp_fn = _vjp(lambda x: field(t, x), z, noise.shape[0])
     _check_output(f, z)
     quad, sq = _probe_forms(vjp_fn, noise, chunk_size, frobenius)
     return Divergence(f, quad.mean(0), sq.mean(0) if frobenius else None)

@@ -75,29 +75,38 @@ class FFJORDFunc(nn.Module):
         return f, -div
 
 
-def run_loop(field, step, data, iters, evals, test, batch) -> dict:
-    """The shared loop: ``step(x, i) -> (loss, forward NFE, backward-NFE getter)``."""
-    flow = cnf.CNF(field, (2,), T=0.5)  # the evaluator, the same for every run
-    opt = torch.optim.Adam(field.parameters(), lr=1e-3)
-    record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
-    for i in range(iters + 1):
-        if i in evals:
-            record["nll"][i] = evaluate_nll(flow, test, rtol=1e-6, atol=1e-6)
-        if i == iters:
-            break
-        x = data(batch, torch.Generator().manual_seed(i)).float()
+class Run:
+    """One training run, advanced an iteration at a time so that all runs go in lockstep.
+
+    Timings on a shared machine drift (other processes, clock changes); interleaving the runs'
+    iterations spreads any drift over all of them, so their ratios stay fair.
+    ``step(x, i) -> (loss, forward NFE, backward-NFE getter)``.
+    """
+
+    def __init__(self, field, step, evals, test) -> None:
+        self.flow = cnf.CNF(field, (2,), T=0.5)  # the evaluator, the same for every run
+        self.opt = torch.optim.Adam(field.parameters(), lr=1e-3)
+        self.step, self.evals, self.test = step, evals, test
+        self.record = {"nll": {}, "nfe_f": [], "nfe_b": [], "sec": []}
+
+    def iteration(self, i: int, x: torch.Tensor | None) -> None:
+        """Evaluate if ``i`` is an evaluation point, then train on ``x`` (None: the end)."""
+        record = self.record
+        if i in self.evals:
+            record["nll"][i] = evaluate_nll(self.flow, self.test, rtol=1e-6, atol=1e-6)
+        if x is None:
+            return
         tic = time.perf_counter()
-        loss, nfe_f, nfe_b = step(x, i)
-        opt.zero_grad()
+        loss, nfe_f, nfe_b = self.step(x, i)
+        self.opt.zero_grad()
         loss.backward()
-        opt.step()
+        self.opt.step()
         record["sec"].append(time.perf_counter() - tic)
         record["nfe_f"].append(nfe_f)
         record["nfe_b"].append(nfe_b())
-    return record
 
 
-def train_torchdiffeq(field, data, iters, evals, test, batch, ffjord_net=True):
+def torchdiffeq_step(field, ffjord_net=True):
     func = FFJORDFunc(FFJORDNet(field) if ffjord_net else field)
     base = cnf.StandardNormal((2,))
     t = torch.tensor([0.5, 0.0])
@@ -111,10 +120,10 @@ def train_torchdiffeq(field, data, iters, evals, test, batch, ffjord_net=True):
         nfe_f = func.nfe
         return -logp.mean(), nfe_f, lambda: func.nfe - nfe_f
 
-    return run_loop(field, step, data, iters, evals, test, batch)
+    return step
 
 
-def train_cnf(field, data, iters, evals, test, batch, trace="exact", reg=0.0):
+def cnf_step(field, trace="exact", reg=0.0):
     flow = cnf.CNF(field, (2,), T=0.5, trace=trace, rtol=1e-5, atol=1e-5)
     objective = MaximumLikelihood(kinetic=reg, jacobian=reg)
 
@@ -122,7 +131,20 @@ def train_cnf(field, data, iters, evals, test, batch, trace="exact", reg=0.0):
         loss, metrics = objective(flow, x, torch.Generator().manual_seed(10_000 + i))
         return loss, metrics["nfe_forward"], metrics["nfe_backward"]
 
-    return run_loop(field, step, data, iters, evals, test, batch)
+    return step
+
+
+def train_all(runs, field0, data, iters, evals, test, batch) -> dict[str, dict]:
+    """Train every run from ``field0``'s weights on the same batches, in lockstep."""
+    live = {}
+    for label, make, kw in runs:
+        field = copy.deepcopy(field0)
+        live[label] = Run(field, make(field, **kw), evals, test)
+    for i in range(iters + 1):
+        x = data(batch, torch.Generator().manual_seed(i)).float() if i < iters else None
+        for run in live.values():
+            run.iteration(i, x)
+    return {label: run.record for label, run in live.items()}
 
 
 def main() -> None:
@@ -155,19 +177,19 @@ def main() -> None:
         data = toy_sampler(name)
         test = sample_tensor(name, 5000, seed=12345, dtype=torch.float32)
         runs = [
-            ("cnf exact", train_cnf, {}),
-            ("cnf hutchinson", train_cnf, {"trace": "hutchinson"}),
-            ("cnf exact + RNODE", train_cnf, {"reg": 0.01}),
+            ("cnf exact", cnf_step, {}),
+            ("cnf hutchinson", cnf_step, {"trace": "hutchinson"}),
+            ("cnf exact + RNODE", cnf_step, {"reg": 0.01}),
         ]
         if torchdiffeq is not None:
             runs[:0] = [
-                (PEER, train_torchdiffeq, {}),
-                (FOLDED_PEER, train_torchdiffeq, {"ffjord_net": False}),
+                (PEER, torchdiffeq_step, {}),
+                (FOLDED_PEER, torchdiffeq_step, {"ffjord_net": False}),
             ]
         entropy = density(name).entropy if name in ("8gaussians", "checkerboard") else None
         seconds = {}
-        for label, train, kw in runs:
-            r = train(copy.deepcopy(field0), data, args.iters, evals, test, args.batch, **kw)
+        records = train_all(runs, field0, data, args.iters, evals, test, args.batch)
+        for label, r in records.items():
             n = len(r["sec"])
             seconds[label] = sum(r["sec"]) / n
             nlls = " | ".join(f"{r['nll'][i]:.3f}" for i in evals)

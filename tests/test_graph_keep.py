@@ -111,23 +111,42 @@ def test_the_kept_graph_is_freed_with_the_callers_graph():
     assert sol.ys.shape == (2, 4, 2)
 
 
-def test_a_field_under_torch_func_replays_and_agrees():
-    # Hutchinson's probes go through torch.func.vjp, which refuses saved-tensor hooks: such a
-    # field cannot be measured and replays every step, with the same gradients
-    base = cnf.ConcatSquashMLP(2, (8,)).to(F64)
+class _Plain(nn.Module):
+    """A field without an analytic trace: its exact trace goes through torch.func."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+
+    def forward(self, t, z):
+        return self.net(torch.cat([z, t.expand(z.shape[0], 1)], dim=1))
+
+
+@pytest.mark.parametrize(
+    "field, settings, keeps",
+    [
+        ("concat", dict(trace="exact"), True),
+        ("concat", dict(trace="hutchinson"), True),  # one probe: plain autograd
+        ("concat", dict(trace="hutchinson", probes=2), False),  # vmapped probes
+        ("plain", dict(trace="exact"), False),  # the basis, vmapped
+    ],
+)
+def test_fields_under_torch_func_replay_and_all_agree(field, settings, keeps):
+    # torch.func refuses saved-tensor hooks: a field evaluated through its transforms cannot
+    # be measured and replays every step; the gradients are the same either way
+    torch.manual_seed(0)
+    base = cnf.ConcatSquashMLP(2, (8,)).to(F64) if field == "concat" else _Plain()
     x = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
+    flow = cnf.CNF(base, (2,), rtol=1e-8, atol=1e-8, **settings)
     grads = {}
-    for trace in ("exact", "hutchinson"):
-        flow = cnf.CNF(base, (2,), trace=trace, rtol=1e-8, atol=1e-8)
-        for name, adjoint in (("kept", Checkpoint()), ("replayed", Checkpoint(graph_memory=0))):
-            out = flow.evaluate(x, adjoint=adjoint, generator=torch.Generator().manual_seed(0))
-            out.log_prob.sum().backward()
-            grads[trace, name] = [p.grad.clone() for p in base.parameters()]
-            base.zero_grad()
-            replays = out.nfe_backward > 0
-            assert replays == (name == "replayed" or trace == "hutchinson"), (trace, name)
-        for g, w in zip(grads[trace, "kept"], grads[trace, "replayed"]):
-            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+    for name, adjoint in (("default", Checkpoint()), ("replayed", Checkpoint(graph_memory=0))):
+        out = flow.evaluate(x, adjoint=adjoint, generator=torch.Generator().manual_seed(0))
+        out.log_prob.sum().backward()
+        grads[name] = [p.grad.clone() for p in base.parameters()]
+        base.zero_grad()
+        assert (out.nfe_backward == 0) == (keeps and name == "default")
+    for g, w in zip(grads["default"], grads["replayed"]):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "64MB"])

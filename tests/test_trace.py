@@ -206,6 +206,36 @@ def test_frobenius_uses_the_probes_on_every_path(hidden):
     assert divergence(field, T, z, noise=noise).frobenius is None
 
 
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_one_probe_by_autograd_equals_the_vectorised_probes(estimator):
+    # while training, one probe's product is plain autograd (so the checkpoint adjoint can
+    # measure the graph); two copies of that probe go through torch.func's vmap: the same
+    # values and gradients, w.r.t. z and the parameters
+    field = _mlp(dim=3, hidden=(6, 5))
+    z = torch.randn(4, 3, dtype=F64, requires_grad=True)
+    one = sample_noise(z.shape, "gaussian", probes=1, dtype=F64)
+    results = [
+        divergence(field, T, z, estimator=estimator, noise=e, frobenius=True)
+        for e in (one, one.expand(2, -1, -1))
+    ]
+    params = [z, *field.parameters()]
+    grads = [torch.autograd.grad(r.div.sum() + r.frobenius.sum(), params) for r in results]
+    for a, b in zip(results[0], results[1]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_one_probe_of_a_field_that_ignores_z():
+    # a constant field: a zero divergence and Frobenius norm, not an autograd error
+    bias = nn.Parameter(torch.ones(2, dtype=F64))
+    for field in (lambda t, z: bias.expand(z.shape[0], 2), lambda t, z: torch.ones_like(z)):
+        z = torch.randn(3, 2, dtype=F64)
+        noise = sample_noise(z.shape, dtype=F64)
+        res = divergence(field, T, z, estimator="hutchinson", noise=noise, frobenius=True)
+        assert res.div.abs().max() == 0 and res.frobenius.abs().max() == 0
+
+
 # ----------------------------------------------------------------- graph semantics
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from cnf.fields import ConcatSquashMLP
 from cnf.flow import CNF
+from cnf.ode import Checkpoint
 from cnf.training import MaximumLikelihood, Objective, fit
 
 
@@ -79,7 +80,9 @@ def test_bad_metrics_are_value_errors(metrics, match):
 @pytest.mark.parametrize("regularized", [False, True])
 def test_maximum_likelihood_calls_the_model_and_names_its_metrics(regularized):
     weight = 0.5 if regularized else 0.0
-    objective = MaximumLikelihood(kinetic=weight, jacobian=weight, solver={"trace": "hutchinson"})
+    # the checkpoint adjoint replaying its steps (it would keep this small graph by default)
+    solver = {"trace": "hutchinson", "adjoint": Checkpoint(graph_memory=0)}
+    objective = MaximumLikelihood(kinetic=weight, jacobian=weight, solver=solver)
     wrapped = Wrapper(_cnf())
     loss, metrics = objective(wrapped, DATA[:16], torch.Generator().manual_seed(0))
     assert wrapped.calls == 1
