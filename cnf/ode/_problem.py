@@ -25,12 +25,14 @@ from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
 __all__ = [
     "SAMPLE_NORM",
+    "SAMPLE_STEPS",
     "SCIPY_SOLVER",
     "Problem",
     "State",
     "check_adjoint_params",
     "check_options",
     "check_precision",
+    "check_sample_steps",
     "get_tableau",
     "make_config",
     "number",
@@ -54,6 +56,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "step_t",
     "jump_t",
     "dtype",
+    "steps",
 }
 _TIME_DTYPES = (torch.float32, torch.float64)
 _RENAMED = {
@@ -98,6 +101,9 @@ def positive(name: str, value, *, optional: bool = False) -> float | None:
 SCIPY_SOLVER = "scipy_solver"
 SAMPLE_NORM = "sample"
 """``options["norm"]`` of the per-sample norm: every sample's RMS error, the largest counts."""
+SAMPLE_STEPS = "sample"
+"""``options["steps"]`` of per-sample steps: every sample its own time, step size and error
+control (:mod:`cnf.ode._per_sample`); ``"shared"``, the default, steps the batch together."""
 
 _ADAMS = (
     "it is a multistep method, and cnf's methods are one-step Runge-Kutta methods (no history "
@@ -223,6 +229,10 @@ def _option_value(key: str, value):
             what = "'rms', 'sample' or a function" if key == "norm" else "a function"
             raise ValueError(f"{name} must be {what}, got {value!r}")
         return value
+    if key == "steps":
+        if value not in ("shared", SAMPLE_STEPS):
+            raise ValueError(f"{name} must be 'shared' (the default) or 'sample', got {value!r}")
+        return value
     if key == "interp":
         if value not in ("linear", "cubic"):
             raise ValueError(f"{name} must be 'linear' or 'cubic', got {value!r}")
@@ -267,6 +277,10 @@ def make_config(
     """
     tab = get_tableau(method)
     options = check_options(options, tab.name, tab.adaptive)
+    if options.pop("steps", "shared") == SAMPLE_STEPS:
+        check_sample_steps(options, rows)
+        options.pop("norm", None)  # each sample's own error is what per-sample steps control
+        options["sample_steps"] = True
     if options.get("norm") == SAMPLE_NORM:
         if rows is None:
             raise ValueError(
@@ -293,6 +307,28 @@ def make_config(
         ),  # fmt: skip
         **options,
     )
+
+
+def check_sample_steps(options: dict, rows: tuple[int, ...] | None) -> None:
+    """Refuse what per-sample steps (``options["steps"] == "sample"``) cannot combine with."""
+    if rows is None:
+        raise ValueError(
+            "options['steps']='sample' needs every tensor of the state to have the batch as "
+            "its first dimension, of the same size; use steps='shared' for this state"
+        )
+    norm = options.get("norm", SAMPLE_NORM)
+    if norm != SAMPLE_NORM:
+        raise ValueError(
+            "options['steps']='sample' controls each sample's own error (its RMS, the largest "
+            f"over the state's tensors); it takes no other norm, got norm={norm!r}: leave "
+            "options['norm'] out or use steps='shared'"
+        )
+    for key in ("step_t", "jump_t", "step_size"):
+        if options.get(key):
+            raise ValueError(
+                f"options['steps']='sample' does not support options[{key!r}]; use "
+                "steps='shared' (the default) with it"
+            )
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -12,6 +12,7 @@ from torch import Tensor
 from ._adjoint import AdjointSolve
 from ._control import Config
 from ._integrate import Counts, integrate
+from ._per_sample import solve_per_sample
 from ._problem import SCIPY_SOLVER, Problem, State, check_adjoint_params
 from ._scipy import scipy_solve
 from ._strategies import ADJOINT_KEYWORDS, AdjointStrategy, to_strategy
@@ -159,7 +160,7 @@ def solve(
     strategy = to_strategy(adjoint, adjoint_options, adjoint_rtol, adjoint_atol, adjoint_method)
     if method == SCIPY_SOLVER:
         return _scipy_solve(problem, options, strategy is not None or adjoint_params is not None)
-    config = problem.config(method, options)
+    config = _config(problem, method, options, strategy)
     if problem.y0.numel() == 0:
         return _empty_solve(problem)
     if strategy is None:
@@ -168,6 +169,21 @@ def solve(
         return _plain_solve(problem, config)
     params = check_adjoint_params(func, adjoint_params)
     return _adjoint_solve(AdjointSolve(problem, config, strategy, params))
+
+
+def _config(
+    problem: Problem, method: str, options: Mapping | None, strategy: AdjointStrategy | None
+) -> Config:
+    """The solve's settings; per-sample steps take gradients by backpropagation only (there
+    is no step record for an adjoint to replay)."""
+    config = problem.config(method, options)
+    if config.sample_steps and strategy is not None:
+        raise ValueError(
+            "options['steps']='sample' takes gradients by backpropagation through the solve "
+            "only: use solve(..., adjoint=False) or odeint (not odeint_adjoint, Checkpoint or "
+            "Backsolve), or steps='shared' for an adjoint"
+        )
+    return config
 
 
 def _scipy_solve(problem: Problem, options: Mapping | None, adjoint: bool) -> Solution:
@@ -200,6 +216,9 @@ def _adjoint_solve(adjoint: AdjointSolve) -> Solution:
 
 def _plain_solve(problem: Problem, config: Config) -> Solution:
     """A solve that autograd differentiates step by step, if anything needs gradients."""
+    if config.sample_steps:
+        ys, counts = solve_per_sample(problem, config)
+        return Solution(problem.unflatten(ys), SolverStats()._set_forward(counts))
 
     def run(y0: Tensor) -> tuple[Tensor, Counts]:
         outs, counts = integrate(problem.rhs, y0, problem.ts, config)

@@ -1,0 +1,438 @@
+"""Per-sample steps (``options["steps"] == "sample"``): every sample of a batch steps on its own.
+
+Each sample ``i`` of a state batched on its first dimension carries its own time ``t_i``,
+step size ``h_i``, PI-controller memory and accept/reject decision; its error is its own RMS
+of the scaled error (the largest over the state's tensors), so its steps are those it would
+take solved alone. One batched call of ``func`` serves all samples still running: ``func``
+receives ``t`` of shape ``(m,)`` (one time per row, in the state's dtype) and the ``m`` rows
+still running, in the state's structure. A sample that reaches the final time leaves the batch
+(the rows are compacted), so it stops costing evaluations.
+
+The steps reuse the generic Runge-Kutta step (:func:`cnf.ode._rk.rk_step`) with every stage
+scaled by its row's step, ``K_i = h_r k_i``: the step is then ``rk_step`` with ``h = 1`` and
+stage times ``t_r + c_i h_r``. Output times are read per sample by the tableau's dense output
+at the sample's own ``theta`` (:func:`cnf.ode._rk.dense_output_rows`).
+
+Per step the loop reads one boolean from the device: whether any sample finished, passed an
+output time or ran into trouble (step-size underflow, ``max_num_steps``). Everything else
+stays in tensors: times and step sizes are float64 tensors, one entry per running sample.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from torch import Tensor
+
+from ._agree import current_reduce
+from ._control import Config
+from ._errors import SolverError, describe_non_finite
+from ._integrate import Counts
+from ._problem import Problem
+from ._rk import dense_output_rows, rk_step
+from ._time import attach_time_gradient
+
+__all__ = ["solve_per_sample"]
+
+# as the shared controller: a step ending within this fraction of a step before the final
+# time ends on it instead
+LANDING_SLACK = 1e-9
+
+
+def solve_per_sample(problem: Problem, cfg: Config) -> tuple[Tensor, Counts]:
+    """The solution ``(T, *y0.shape)`` (the problem's layout) and the counts, by per-sample
+    steps; backpropagation reaches ``y0``, ``func``'s parameters and ``t``."""
+    if current_reduce() is not None:
+        raise ValueError(
+            "options['steps']='sample' cannot agree on steps across data-parallel processes "
+            "(agreeing_norms): every sample steps on its own; use steps='shared' there"
+        )
+    if cfg.callbacks is not None:
+        raise ValueError(
+            "func's step callbacks take one time and step for the whole batch; per-sample "
+            "steps (options['steps']='sample') have one per sample: use steps='shared'"
+        )
+    solver = PerSampleSolver(problem, cfg)
+    if torch.is_grad_enabled() and problem.t.requires_grad:
+        return attach_time_gradient(_with_batched_times(problem), solver.run)
+    return solver.run(problem.y0)
+
+
+def _with_batched_times(problem: Problem) -> Problem:
+    """``problem`` whose ``rhs(t, y)`` hands ``func`` the time once per sample (the gradient
+    with respect to ``t`` evaluates ``func`` at the output times on the whole batch)."""
+    layout, batch = RowLayout(problem), problem.shapes[0][0]
+
+    def rhs(t: float, y: Tensor) -> Tensor:
+        tt = torch.full((batch,), t, dtype=problem.dtype, device=problem.device)
+        out = layout.checked(problem.func(tt, problem.to_user(y)), batch)
+        return torch.cat([o.reshape(-1) for o in out]) if problem.is_tuple else out
+
+    shim = copy.copy(problem)
+    shim.rhs = rhs
+    return shim
+
+
+class RowLayout:
+    """The state as rows: a single tensor ``(B, ...)`` as it is, a tuple's tensors packed into
+    ``(B, D)`` (each sample's entries of every tensor, side by side)."""
+
+    def __init__(self, problem: Problem) -> None:
+        self.problem, self.is_tuple = problem, problem.is_tuple
+        self.batch = problem.shapes[0][0]
+        self.shapes = [tuple(s[1:]) for s in problem.shapes]
+        self.widths = [math.prod(s) for s in self.shapes]
+        self.dtype = problem.dtype
+
+    def pack(self, x: Tensor) -> Tensor:
+        """A tensor in the problem's layout (the state, per-entry tolerances) as rows."""
+        if not self.is_tuple:
+            return x
+        parts = self.problem.to_user(x)
+        return torch.cat([p.reshape(self.batch, -1) for p in parts], 1)
+
+    def unpack(self, ys: Tensor) -> Tensor:
+        """Outputs as rows, ``(T, B, ...)``, back in the problem's layout ``(T, *y0.shape)``."""
+        if not self.is_tuple:
+            return ys
+        return torch.cat([p.reshape(len(ys), -1) for p in ys.split(self.widths, 2)], 1)
+
+    def to_user(self, y: Tensor):
+        """Rows ``(m, ...)`` in the user's structure."""
+        if not self.is_tuple:
+            return y
+        m = y.shape[0]
+        return tuple(p.reshape(m, *s) for p, s in zip(y.split(self.widths, 1), self.shapes))
+
+    def checked(self, out, m: int):
+        """``func``'s result for ``m`` rows, refused unless it has the rows' structure."""
+        outs = out if self.is_tuple else (out,)
+        if not (
+            isinstance(outs, (tuple, list))
+            and len(outs) == len(self.shapes)
+            and all(
+                isinstance(o, Tensor) and o.shape == (m, *s) and o.dtype == self.dtype
+                for o, s in zip(outs, self.shapes)
+            )
+        ):
+            raise ValueError(_wrong_result(out, m, self.shapes, self.dtype))
+        return out
+
+    def rows_of(self, out, m: int) -> Tensor:
+        """``func``'s result for ``m`` rows, checked, as rows."""
+        out = self.checked(out, m)
+        if not self.is_tuple:
+            return out
+        return torch.cat([o.reshape(m, -1) for o in out], 1)
+
+
+def _wrong_result(out, m: int, shapes, dtype) -> str:
+    def describe(x):
+        if isinstance(x, Tensor):
+            return f"shape {tuple(x.shape)}, dtype {x.dtype}"
+        if isinstance(x, (tuple, list)):
+            return "(" + "; ".join(describe(v) for v in x) + ")"
+        return type(x).__name__
+
+    expected = "; ".join(f"shape {(m, *s)}" for s in shapes)
+    return (
+        f"func(t, y) must return dy/dt with the structure of the rows it is given ({expected}) "
+        f"and dtype {dtype}; it returned {describe(out)}. With options['steps']='sample' it "
+        f"is called with the {m} samples still running and t of shape ({m},), one time each"
+    )
+
+
+class Active:
+    """The running samples, one row each: every field is indexed by row and compacted
+    together when samples finish."""
+
+    FIELDS = ("idx", "t", "h", "y", "k0", "y_abs", "prev", "n_acc", "pos", "next_out")
+
+    def __init__(self, **fields: Tensor) -> None:
+        self.per_row_tol = fields["atol"].shape[0] > 1
+        for name, value in fields.items():
+            setattr(self, name, value)
+
+    @property
+    def size(self) -> int:
+        return self.t.shape[0]
+
+    def compact(self, keep: Tensor) -> None:
+        """Keep only the rows ``keep`` (indices into the current rows)."""
+        names = self.FIELDS + (("atol", "rtol") if self.per_row_tol else ())
+        for name in names:
+            setattr(self, name, getattr(self, name).index_select(0, keep))
+
+
+class Step:
+    """One batched step as it was tried: what the outputs and the errors read afterwards."""
+
+    def __init__(self, **fields) -> None:
+        self.__dict__.update(fields)
+
+
+class PerSampleSolver:
+    """The per-sample loop for one problem and its settings (one :meth:`run` per solve)."""
+
+    def __init__(self, problem: Problem, cfg: Config) -> None:
+        self.cfg, self.tab, self.func = cfg, cfg.tableau, problem.func
+        self.layout = layout = RowLayout(problem)
+        self.ts, self.batch = problem.ts, layout.batch
+        self.t0, self.t_end = problem.ts[0], problem.ts[-1]
+        self.forward = self.t_end > self.t0
+        self.device, self.dtype = problem.device, problem.dtype
+        self.beta1 = (cfg.pcoeff + cfg.icoeff) / self.tab.order
+        self.beta2 = cfg.pcoeff / self.tab.order
+        self.span = abs(self.t_end - self.t0)
+        self.tiny = 4 * cfg.time_eps * max(abs(self.t0), abs(self.t_end))
+        self.clip = cfg.min_step > 0 or cfg.max_step < math.inf
+        # the output times after t0, as float64 (the last is the final time)
+        self.ts_after = torch.tensor(problem.ts[1:], dtype=torch.float64, device=self.device)
+        sections = layout.widths if layout.is_tuple and len(layout.widths) > 1 else None
+        self.sections = sections
+        self.nfe = self.iterations = 0
+
+    def call(self, t: Tensor, y: Tensor) -> Tensor:
+        """``func`` on the rows ``y`` at their times ``t`` (float64), as rows."""
+        self.nfe += 1
+        tt = t if self.dtype == torch.float64 else t.to(self.dtype)
+        return self.layout.rows_of(self.func(tt, self.layout.to_user(y)), y.shape[0])
+
+    def row_norms(self, x: Tensor) -> Tensor:
+        """Each row's RMS (the largest over the state's tensors), float64, shape ``(m,)``."""
+        x = x.reshape(x.shape[0], -1)
+        if self.sections is None:
+            return torch.linalg.vector_norm(x, dim=1).double().mul_(x.shape[1] ** -0.5)
+        norms = [
+            torch.linalg.vector_norm(p, dim=1) * w**-0.5
+            for p, w in zip(x.split(self.sections, 1), self.sections)
+            if w > 0
+        ]
+        return torch.stack(norms).amax(0).double()
+
+    def run(self, y0: Tensor) -> tuple[Tensor, Counts]:
+        """Solve from the problem's ``y0`` (its layout): ``(T, *y0.shape)`` and the counts."""
+        y = self.layout.pack(y0)
+        self.outputs = [(torch.arange(self.batch, device=self.device), y)]
+        self.finished: list[tuple[Tensor, Tensor, Tensor]] = []
+        if len(self.ts) > 1 and self.batch > 0:
+            active = self.start(y)
+            while active.size > 0:
+                self.iterations += 1
+                self.step(active)
+        return self.layout.unpack(self.collect(y)), self.counts()
+
+    def start(self, y: Tensor) -> Active:
+        """The running rows at ``t0``: ``f(t0, y0)``, tolerances as rows, the first steps."""
+        B, cfg, f64 = self.batch, self.cfg, torch.float64
+        t = torch.full((B,), self.t0, dtype=f64, device=self.device)
+        k0 = self.call(t, y)
+        if not bool(torch.isfinite(k0).all()):
+            row = int((~torch.isfinite(k0.reshape(B, -1))).any(1).nonzero()[0, 0])
+            where = describe_non_finite(k0[row], None)
+            raise SolverError(
+                f"func(t, y) returned {where} for sample {row} at the initial state "
+                f"(t={self.t0:.17g}); check the vector field there",
+                t=self.t0,
+                step_size=0.0,
+            )
+        tols = []
+        for tol in (cfg.atol, cfg.rtol):
+            rows = self.layout.pack(tol.reshape(self.layout.problem.y0.shape))
+            tols.append(rows[:1] if bool((rows == rows[:1]).all()) else rows)
+        active = Active(
+            idx=torch.arange(B, device=self.device), t=t, h=t, y=y, k0=k0, atol=tols[0],
+            rtol=tols[1], y_abs=y.detach().abs(), prev=torch.ones(B, dtype=f64, device=t.device),
+            n_acc=torch.zeros(B, dtype=torch.long, device=t.device),
+            pos=torch.zeros(B, dtype=torch.long, device=t.device),
+            next_out=self.ts_after[:1].expand(B).clone(),
+        )  # fmt: skip
+        if cfg.first_step is not None:
+            h = torch.full((B,), min(cfg.first_step, self.span), dtype=f64, device=t.device)
+        else:
+            h = self.first_step(active)
+        active.h = h.clamp(cfg.min_step, cfg.max_step) if self.clip else h
+        return active
+
+    def first_step(self, a: Active) -> Tensor:
+        """Hairer, Norsett & Wanner's first step (as the shared controller's), per row."""
+        with torch.no_grad():
+            y, f0, span = a.y, a.k0, self.span
+            scale = torch.addcmul(a.atol, a.rtol, y.abs()).double()
+            d0, d1 = self.row_norms(y.double() / scale), self.row_norms(f0.double() / scale)
+            h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
+            floor = 64 * self.cfg.time_eps * max(abs(self.t0), span)
+            h0 = torch.where(h0 > 0, h0, floor).clamp(max=span)
+            signed = h0 if self.forward else -h0
+            col = signed.to(y.dtype).view(-1, *(1,) * (y.ndim - 1))
+            f1 = self.call(a.t + signed, y + col * f0)
+            d2 = self.row_norms((f1.double() - f0.double()) / scale) / h0
+            dmax = torch.maximum(d1, d2)
+            h1 = (0.01 / dmax) ** (1.0 / self.tab.order)
+            h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), h1)
+            h1 = torch.where(torch.isfinite(dmax), h1, h0 * 1e-3)
+            return torch.minimum(torch.minimum(100 * h0, h1), torch.full_like(h1, span))
+
+    def step(self, a: Active) -> None:
+        """One step of every running sample: tried, judged, taken where accepted."""
+        s = self.attempt(a)
+        acc, h_new, ratio = self.judge(a, s)
+        m, fsal = a.size, self.tab.fsal
+        acc_rows = acc.view(m, *(1,) * (a.y.ndim - 1))
+        a.t = torch.where(acc, s.t_new, a.t)
+        a.y = torch.where(acc_rows, s.y1, a.y)
+        a.y_abs = torch.where(acc_rows, s.y1_abs, a.y_abs)
+        a.k0 = torch.where(acc_rows, s.last, a.k0) if fsal else self.call(a.t, a.y)
+        a.prev = torch.where(acc, ratio.clamp_(min=1e-4).pow_(self.beta2), a.prev)
+        a.h = h_new
+        a.n_acc += acc
+        reached = acc & (s.t_new >= a.next_out if self.forward else s.t_new <= a.next_out)
+        flag = reached | (h_new <= self.tiny)
+        if self.iterations > self.cfg.max_num_steps:
+            flag |= a.n_acc > self.cfg.max_num_steps
+        if bool(flag.any()):
+            s.acc, s.reached = acc, reached
+            self.on_event(a, s)
+
+    def attempt(self, a: Active) -> Step:
+        """Every running sample's next step (landing on the final time where it nearly ends)."""
+        rem = (self.t_end - a.t) if self.forward else (a.t - self.t_end)
+        land = rem <= a.h * (1 + LANDING_SLACK)
+        hs = torch.where(land, rem, a.h)
+        signed = hs if self.forward else -hs
+        t_new = torch.where(land, self.t_end, a.t + signed)
+        col = signed.to(self.dtype).view(-1, *(1,) * (a.y.ndim - 1))
+        t, call, last = a.t, self.call, []
+
+        def stage(c: float, y: Tensor) -> Tensor:
+            f = call(t_new if c == 1.0 else torch.add(t, signed, alpha=c), y)
+            last.append(f)
+            return f * col
+
+        y1, hks = rk_step(stage, self.tab, 0.0, a.y, a.k0 * col, 1.0)
+        return Step(
+            t_old=t, y_old=a.y, hs=hs, signed=signed, col=col, t_new=t_new, land=land,
+            y1=y1, hks=hks, last=last[-1],
+        )  # fmt: skip
+
+    def judge(self, a: Active, s: Step) -> tuple[Tensor, Tensor, Tensor]:
+        """Each row's error ratio, accept/reject and next step size (the shared PI
+        controller's rule, row by row)."""
+        cfg = self.cfg
+        with torch.no_grad():
+            err = None
+            for k, e in zip(s.hks, self.tab.b_err):
+                if e != 0.0:
+                    err = k * e if err is None else torch.add(err, k, alpha=e)
+            s.y1_abs = s.y1.detach().abs()
+            scale = torch.addcmul(a.atol, a.rtol, torch.maximum(a.y_abs, s.y1_abs))
+            ratio = self.row_norms(err.div_(scale))
+            acc = ratio <= 1.0
+            if cfg.min_step > 0:  # a step of min_step stands whatever its (finite) error
+                acc |= (s.hs <= cfg.min_step * (1 + LANDING_SLACK)) & torch.isfinite(ratio)
+            factor = ratio.pow(-self.beta1).mul_(a.prev).mul_(cfg.safety)
+            factor = factor.clamp_(cfg.dfactor, cfg.ifactor).nan_to_num_(cfg.dfactor)
+            factor = torch.where(acc, factor, factor.clamp(max=1.0))
+            h_new = s.hs * factor
+            if self.clip:
+                h_new = h_new.clamp_(cfg.min_step, cfg.max_step)
+        return acc, h_new, ratio
+
+    def on_event(self, a: Active, s: Step) -> None:
+        """Outputs passed, samples finished (compacted away) or in trouble (refused)."""
+        fin = s.acc & s.land
+        trouble = (a.h <= self.tiny) & ~fin
+        if bool(trouble.any()):
+            raise self.underflow(a, s, int(trouble.nonzero()[0, 0]))
+        if self.iterations > self.cfg.max_num_steps:
+            over = a.n_acc > self.cfg.max_num_steps
+            if bool(over.any()):
+                raise self.too_many_steps(a, int(over.nonzero()[0, 0]))
+        self.emit(a, s, s.reached.nonzero()[:, 0])
+        if bool(fin.any()):
+            done = fin.nonzero()[:, 0]
+            self.finished.append((a.n_acc[done], self.iterations - a.n_acc[done], a.h[done]))
+            a.compact((~fin).nonzero()[:, 0])
+
+    def emit(self, a: Active, s: Step, rows: Tensor) -> None:
+        """The outputs the rows ``rows`` passed in their step: the dense output inside it, the
+        step's end itself at the final time."""
+        t_new, after = s.t_new[rows], self.ts_after
+        passed = (after <= t_new[:, None]) if self.forward else (after >= t_new[:, None])
+        pos_new = passed.sum(1)
+        last = len(after) - 1
+        cols = torch.arange(len(after), device=self.device)
+        pairs = ((cols >= a.pos[rows, None]) & (cols < pos_new[:, None])).nonzero()
+        r, j = rows[pairs[:, 0]], pairs[:, 1]
+        inner = j < last
+        if bool(inner.any()):
+            ri, ji = r[inner], j[inner]
+            theta = (after[ji] - s.t_old[ri]) / s.signed[ri]
+            hks = [k[ri] for k in s.hks]
+            if not self.tab.fsal:  # the interpolant's extra row: h f(t + h, y1)
+                hks.append((a.k0 * s.col)[ri])
+            values = dense_output_rows(self.tab, s.y_old[ri], hks, theta)
+            self.outputs.append(((ji + 1) * self.batch + a.idx[ri], values))
+        end = r[~inner]
+        if end.numel():
+            self.outputs.append(((last + 1) * self.batch + a.idx[end], s.y1[end]))
+        a.pos[rows] = pos_new
+        a.next_out = after[a.pos.clamp(max=last)]
+
+    def collect(self, y0: Tensor) -> Tensor:
+        """Every output row in its place: ``(T, B, ...)``."""
+        index = torch.cat([i for i, _ in self.outputs])
+        values = torch.cat([v for _, v in self.outputs])
+        ys = values[torch.argsort(index)].view(len(self.ts), *y0.shape)
+        if not bool(torch.isfinite(ys[-1]).all()):
+            bad = (~torch.isfinite(ys[-1].reshape(self.batch, -1))).any(1).nonzero()[0, 0]
+            raise SolverError(
+                f"the solution of sample {int(bad)} is not finite at t={self.t_end:g} "
+                f"({describe_non_finite(ys[-1, int(bad)], None)}); check the vector field "
+                "for a finite-time blow-up or NaN",
+                t=self.t_end,
+                step_size=math.nan,
+            )
+        return ys
+
+    def counts(self) -> Counts:
+        """NFE (batched calls of ``func``), and each sample's steps: the most any took."""
+        counts = Counts(nfe=self.nfe)
+        if self.finished:
+            acc, rej, h = (torch.cat(x) for x in zip(*self.finished))
+            counts.n_accepted, counts.n_rejected = int(acc.max()), int(rej.max())
+            counts.step_size = float(h.max())
+        return counts
+
+    def underflow(self, a: Active, s: Step, row: int) -> SolverError:
+        """The error for a sample whose step size underflowed: what its stages held."""
+        sample, t, h = int(a.idx[row]), float(a.t[row]), float(s.signed[row])
+        for k, c in zip(s.hks, self.tab.c):
+            if not bool(torch.isfinite(k[row]).all()):
+                where = describe_non_finite(k[row], None)
+                return SolverError(
+                    f"func(t, y) returned {where} for sample {sample} near "
+                    f"t={t + c * h:.17g} (every step from t={t:.17g} down to h={abs(h):.3g}); "
+                    "check the vector field at that time and state",
+                    t=t,
+                    step_size=h,
+                )
+        return SolverError(
+            f"step size underflow for sample {sample} at t={t:.17g} (h={h:.3g}): its solution "
+            "may blow up near this time or it is too stiff for an explicit method; check the "
+            "vector field, shorten the time span or loosen rtol/atol",
+            t=t,
+            step_size=h,
+        )
+
+    def too_many_steps(self, a: Active, row: int) -> SolverError:
+        sample, t = int(a.idx[row]), float(a.t[row])
+        return SolverError(
+            f"sample {sample} took more than max_num_steps={self.cfg.max_num_steps} steps "
+            f"before reaching t={self.t_end:g} (at t={t:.17g}); raise options['max_num_steps'], "
+            "loosen rtol/atol, or check the vector field for stiffness",
+            t=t,
+            step_size=float(a.h[row]),
+        )
