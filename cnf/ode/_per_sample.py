@@ -39,6 +39,9 @@ __all__ = ["solve_per_sample"]
 # as the shared controller: a step ending within this fraction of a step before the final
 # time ends on it instead
 LANDING_SLACK = 1e-9
+# steps between checks for step-size underflow and max_num_steps (a stuck sample is caught a
+# few steps late, and the other steps skip two tensor operations)
+_CHECK_EVERY = 8
 
 
 def solve_per_sample(problem: Problem, cfg: Config) -> tuple[Tensor, Counts]:
@@ -193,12 +196,39 @@ class PerSampleSolver:
         sections = layout.widths if layout.is_tuple and len(layout.widths) > 1 else None
         self.sections = sections
         self.nfe = self.iterations = 0
+        self.t_end_t = torch.tensor(self.t_end, dtype=torch.float64, device=self.device)
+        # the stages' nodes but 0 and 1 (t_new), as a column for all stage times at once
+        self.nodes = tuple(sorted({c for c in self.tab.c if c not in (0.0, 1.0)}))
+        self.node_col = torch.tensor(self.nodes, dtype=torch.float64, device=self.device)[:, None]
+        ndim = len(problem.shapes[0]) if not layout.is_tuple else 2
+        self.col_shape = (-1, *(1,) * (ndim - 1))
+        self.row_dims = tuple(range(1, ndim))
+        # a rejected step's factor stays below 1 by itself when safety <= 1 and every
+        # accepted ratio is <= 1 (no min_step): the memory safety * r^beta2 is then <= 1
+        self.cap_rejected = cfg.safety > 1 or cfg.min_step > 0
+        self.call = self.make_call()
 
-    def call(self, t: Tensor, y: Tensor) -> Tensor:
-        """``func`` on the rows ``y`` at their times ``t`` (float64), as rows."""
-        self.nfe += 1
-        tt = t if self.dtype == torch.float64 else t.to(self.dtype)
-        return self.layout.rows_of(self.func(tt, self.layout.to_user(y)), y.shape[0])
+    def make_call(self):
+        """``call(t, y)``: ``func`` on the rows ``y`` at their times ``t`` (float64), as rows,
+        checked; counted in ``self.nfe``. A single float64 tensor takes the short way."""
+        func, layout, dtype = self.func, self.layout, self.dtype
+
+        def call(t: Tensor, y: Tensor) -> Tensor:
+            self.nfe += 1
+            tt = t if dtype == torch.float64 else t.to(dtype)
+            return layout.rows_of(func(tt, layout.to_user(y)), y.shape[0])
+
+        if layout.is_tuple or dtype != torch.float64:
+            return call
+
+        def call_plain(t: Tensor, y: Tensor) -> Tensor:
+            self.nfe += 1
+            out = func(t, y)
+            if out.__class__ is not Tensor or out.shape != y.shape or out.dtype != dtype:
+                return layout.rows_of(out, y.shape[0])  # refuses what is not y's shape
+            return out
+
+        return call_plain
 
     def row_norms(self, x: Tensor) -> Tensor:
         """Each row's RMS (the largest over the state's tensors), float64, shape ``(m,)``."""
@@ -241,10 +271,12 @@ class PerSampleSolver:
         tols = []
         for tol in (cfg.atol, cfg.rtol):
             rows = self.layout.pack(tol.reshape(self.layout.problem.y0.shape))
-            tols.append(rows[:1] if bool((rows == rows[:1]).all()) else rows)
+            rows = rows[:1] if bool((rows == rows[:1]).all()) else rows
+            tols.append(rows * self.width_roots(rows))
         active = Active(
             idx=torch.arange(B, device=self.device), t=t, h=t, y=y, k0=k0, atol=tols[0],
-            rtol=tols[1], y_abs=y.detach().abs(), prev=torch.ones(B, dtype=f64, device=t.device),
+            rtol=tols[1], y_abs=y.detach().abs(),
+            prev=torch.full((B,), cfg.safety, dtype=f64, device=t.device),
             n_acc=torch.zeros(B, dtype=torch.long, device=t.device),
             pos=torch.zeros(B, dtype=torch.long, device=t.device),
             next_out=self.ts_after[:1].expand(B).clone(),
@@ -256,11 +288,20 @@ class PerSampleSolver:
         active.h = h.clamp(cfg.min_step, cfg.max_step) if self.clip else h
         return active
 
+    def width_roots(self, like: Tensor) -> Tensor | float:
+        """``sqrt`` of each entry's row width (of its tensor's, for a tuple state): the
+        tolerances times it make a row's 2-norm its RMS (:meth:`error_ratio`)."""
+        if self.sections is None:
+            return math.sqrt(max(math.prod(like.shape[1:]), 1))
+        roots = [torch.full((w,), math.sqrt(w), dtype=like.dtype) for w in self.sections]
+        return torch.cat(roots).to(like.device)
+
     def first_step(self, a: Active) -> Tensor:
         """Hairer, Norsett & Wanner's first step (as the shared controller's), per row."""
         with torch.no_grad():
             y, f0, span = a.y, a.k0, self.span
-            scale = torch.addcmul(a.atol, a.rtol, y.abs()).double()
+            # the norms below are RMS themselves: the tolerances without sqrt(width)
+            scale = torch.addcmul(a.atol, a.rtol, y.abs()).double() / self.width_roots(y)
             d0, d1 = self.row_norms(y.double() / scale), self.row_norms(f0.double() / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
             floor = 64 * self.cfg.time_eps * max(abs(self.t0), span)
@@ -279,66 +320,84 @@ class PerSampleSolver:
         """One step of every running sample: tried, judged, taken where accepted."""
         s = self.attempt(a)
         acc, h_new, ratio = self.judge(a, s)
-        m, fsal = a.size, self.tab.fsal
-        acc_rows = acc.view(m, *(1,) * (a.y.ndim - 1))
+        acc_rows = acc.view(self.col_shape)
         a.t = torch.where(acc, s.t_new, a.t)
         a.y = torch.where(acc_rows, s.y1, a.y)
         a.y_abs = torch.where(acc_rows, s.y1_abs, a.y_abs)
-        a.k0 = torch.where(acc_rows, s.last, a.k0) if fsal else self.call(a.t, a.y)
-        a.prev = torch.where(acc, ratio.clamp_(min=1e-4).pow_(self.beta2), a.prev)
+        a.k0 = torch.where(acc_rows, s.last, a.k0) if self.tab.fsal else self.call(a.t, a.y)
+        # the controller's memory, safety included: safety * r^beta2 of the last accepted step
+        memory = ratio.clamp_(min=1e-4).pow_(self.beta2).mul_(self.cfg.safety)
+        a.prev = torch.where(acc, memory, a.prev)
         a.h = h_new
-        a.n_acc += acc
-        reached = acc & (s.t_new >= a.next_out if self.forward else s.t_new <= a.next_out)
-        flag = reached | (h_new <= self.tiny)
-        if self.iterations > self.cfg.max_num_steps:
-            flag |= a.n_acc > self.cfg.max_num_steps
-        if bool(flag.any()):
+        a.n_acc.add_(acc)
+        # a rejected row keeps its time, short of its next output time: only accepted ones pass
+        reached = a.t >= a.next_out if self.forward else a.t <= a.next_out
+        flag = reached
+        if self.iterations % _CHECK_EVERY == 0 or self.iterations > self.cfg.max_num_steps:
+            flag = flag | (h_new <= self.tiny) | (a.n_acc > self.cfg.max_num_steps)
+        if flag.any().item():
             s.acc, s.reached = acc, reached
             self.on_event(a, s)
 
     def attempt(self, a: Active) -> Step:
         """Every running sample's next step (landing on the final time where it nearly ends)."""
-        rem = (self.t_end - a.t) if self.forward else (a.t - self.t_end)
+        rem = torch.sub(self.t_end_t, a.t) if self.forward else torch.sub(a.t, self.t_end_t)
         land = rem <= a.h * (1 + LANDING_SLACK)
         hs = torch.where(land, rem, a.h)
-        signed = hs if self.forward else -hs
-        t_new = torch.where(land, self.t_end, a.t + signed)
-        col = signed.to(self.dtype).view(-1, *(1,) * (a.y.ndim - 1))
-        t, call, last = a.t, self.call, []
+        signed = hs if self.forward else hs.neg()
+        t_new = torch.where(land, self.t_end_t, a.t + signed)
+        col = signed.view(self.col_shape)
+        col = col if self.dtype == torch.float64 else col.to(self.dtype)
+        # the stage times t + c_i h, in one operation; the step's end is t_new exactly
+        times = dict(zip(self.nodes, torch.addcmul(a.t, self.node_col, signed).unbind()))
+        times[1.0] = t_new
+        call, last = self.call, []
 
         def stage(c: float, y: Tensor) -> Tensor:
-            f = call(t_new if c == 1.0 else torch.add(t, signed, alpha=c), y)
+            f = call(times[c], y)
             last.append(f)
             return f * col
 
         y1, hks = rk_step(stage, self.tab, 0.0, a.y, a.k0 * col, 1.0)
         return Step(
-            t_old=t, y_old=a.y, hs=hs, signed=signed, col=col, t_new=t_new, land=land,
+            t_old=a.t, y_old=a.y, hs=hs, signed=signed, col=col, t_new=t_new, land=land,
             y1=y1, hks=hks, last=last[-1],
         )  # fmt: skip
 
     def judge(self, a: Active, s: Step) -> tuple[Tensor, Tensor, Tensor]:
-        """Each row's error ratio, accept/reject and next step size (the shared PI
-        controller's rule, row by row)."""
+        """Each row's error ratio, accept/reject and next step size: the shared PI
+        controller's rule, row by row (``a.prev`` holds ``safety * r_{n-1}^beta2``)."""
         cfg = self.cfg
         with torch.no_grad():
             err = None
             for k, e in zip(s.hks, self.tab.b_err):
                 if e != 0.0:
                     err = k * e if err is None else torch.add(err, k, alpha=e)
-            s.y1_abs = s.y1.detach().abs()
+            s.y1_abs = s.y1.abs()
             scale = torch.addcmul(a.atol, a.rtol, torch.maximum(a.y_abs, s.y1_abs))
-            ratio = self.row_norms(err.div_(scale))
+            ratio = self.error_ratio(err.div_(scale)).nan_to_num_(math.inf, math.inf)
             acc = ratio <= 1.0
             if cfg.min_step > 0:  # a step of min_step stands whatever its (finite) error
-                acc |= (s.hs <= cfg.min_step * (1 + LANDING_SLACK)) & torch.isfinite(ratio)
-            factor = ratio.pow(-self.beta1).mul_(a.prev).mul_(cfg.safety)
-            factor = factor.clamp_(cfg.dfactor, cfg.ifactor).nan_to_num_(cfg.dfactor)
-            factor = torch.where(acc, factor, factor.clamp(max=1.0))
+                acc |= (s.hs <= cfg.min_step * (1 + LANDING_SLACK)) & (ratio < math.inf)
+            factor = ratio.pow(-self.beta1).mul_(a.prev).clamp_(cfg.dfactor, cfg.ifactor)
+            if self.cap_rejected:  # a rejected step only shrinks
+                factor = torch.where(acc, factor, factor.clamp(max=1.0))
             h_new = s.hs * factor
             if self.clip:
                 h_new = h_new.clamp_(cfg.min_step, cfg.max_step)
         return acc, h_new, ratio
+
+    def error_ratio(self, x: Tensor) -> Tensor:
+        """Each row's RMS of the scaled error ``x`` (the largest over the state's tensors),
+        float64; the tolerances carry ``sqrt`` of the row's (section's) width, so that this
+        is a plain 2-norm."""
+        if self.sections is None:
+            norm = torch.linalg.vector_norm(x, dim=self.row_dims) if x.ndim > 1 else x.abs()
+        else:
+            norm = torch.stack(
+                [torch.linalg.vector_norm(p, dim=1) for p in x.split(self.sections, 1)]
+            ).amax(0)
+        return norm if norm.dtype == torch.float64 else norm.double()
 
     def on_event(self, a: Active, s: Step) -> None:
         """Outputs passed, samples finished (compacted away) or in trouble (refused)."""
