@@ -22,8 +22,9 @@ Sections (float64, one thread):
 * norms: dopri5 on the forward problems with cnf's two error norms (``options["norm"]``:
   ``"rms"``, the default, and ``"sample"``, every sample's RMS) and with per-sample steps
   (``options["steps"] = "sample"``: every sample its own step size, as torchode) against
-  torchode (per-sample step sizes) and torchdiffeq, at equal maximum error over the batch (each peer swept over
-  rtol = atol in 1e-2 .. 1e-9 and interpolated at cnf's error), with the issue's targets;
+  torchode (per-sample step sizes) and torchdiffeq, at equal maximum error over the batch
+  (each peer swept over rtol = atol in 1e-2 .. 1e-9 and interpolated at cnf's error), with
+  the issue's targets;
   and the per-evaluation overhead on Van der Pol: time per NFE minus a bare call of the field
   on the same batch. Times here are the fastest of up to 9 runs (robust to other jobs).
 
