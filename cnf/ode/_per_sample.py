@@ -41,7 +41,7 @@ __all__ = ["solve_per_sample"]
 LANDING_SLACK = 1e-9
 # steps between checks for step-size underflow and max_num_steps (a stuck sample is caught a
 # few steps late, and the other steps skip two tensor operations)
-_CHECK_EVERY = 8
+CHECK_EVERY = 8
 
 
 def solve_per_sample(problem: Problem, cfg: Config) -> tuple[Tensor, Counts]:
@@ -205,7 +205,12 @@ class PerSampleSolver:
         self.row_dims = tuple(range(1, ndim))
         # a rejected step's factor stays below 1 by itself when safety <= 1 and every
         # accepted ratio is <= 1 (no min_step): the memory safety * r^beta2 is then <= 1
-        self.cap_rejected = cfg.safety > 1 or cfg.min_step > 0
+        self.cap_rejected = cfg.safety >= 1 or cfg.min_step > 0
+        # the controller's memory holds safety, and the landing slack that the step sizes
+        # carry (a.h is (1 + slack) times the controller's step: see attempt)
+        self.safety = cfg.safety * (1 + LANDING_SLACK) if not self.clip else cfg.safety
+        self.inner = len(problem.ts) > 2  # output times before the final one
+        self.end_base = (len(problem.ts) - 1) * self.batch  # the final outputs' flat index
         self.call = self.make_call()
 
     def make_call(self):
@@ -276,7 +281,7 @@ class PerSampleSolver:
         active = Active(
             idx=torch.arange(B, device=self.device), t=t, h=t, y=y, k0=k0, atol=tols[0],
             rtol=tols[1], y_abs=y.detach().abs(),
-            prev=torch.full((B,), cfg.safety, dtype=f64, device=t.device),
+            prev=torch.full((B,), self.safety, dtype=f64, device=t.device),
             n_acc=torch.zeros(B, dtype=torch.long, device=t.device),
             pos=torch.zeros(B, dtype=torch.long, device=t.device),
             next_out=self.ts_after[:1].expand(B).clone(),
@@ -285,7 +290,8 @@ class PerSampleSolver:
             h = torch.full((B,), min(cfg.first_step, self.span), dtype=f64, device=t.device)
         else:
             h = self.first_step(active)
-        active.h = h.clamp(cfg.min_step, cfg.max_step) if self.clip else h
+        h = h.clamp(cfg.min_step, cfg.max_step) if self.clip else h
+        active.h = h * (1 + LANDING_SLACK)
         return active
 
     def width_roots(self, like: Tensor) -> Tensor | float:
@@ -326,24 +332,25 @@ class PerSampleSolver:
         a.y_abs = torch.where(acc_rows, s.y1_abs, a.y_abs)
         a.k0 = torch.where(acc_rows, s.last, a.k0) if self.tab.fsal else self.call(a.t, a.y)
         # the controller's memory, safety included: safety * r^beta2 of the last accepted step
-        memory = ratio.clamp_(min=1e-4).pow_(self.beta2).mul_(self.cfg.safety)
+        memory = ratio.clamp_(min=1e-4).pow_(self.beta2).mul_(self.safety)
         a.prev = torch.where(acc, memory, a.prev)
         a.h = h_new
         a.n_acc.add_(acc)
         # a rejected row keeps its time, short of its next output time: only accepted ones pass
         reached = a.t >= a.next_out if self.forward else a.t <= a.next_out
         flag = reached
-        if self.iterations % _CHECK_EVERY == 0 or self.iterations > self.cfg.max_num_steps:
+        if self.iterations % CHECK_EVERY == 0 or self.iterations > self.cfg.max_num_steps:
             flag = flag | (h_new <= self.tiny) | (a.n_acc > self.cfg.max_num_steps)
         if flag.any().item():
-            s.acc, s.reached = acc, reached
-            self.on_event(a, s)
+            s.reached = reached
+            self.on_event(a, s, flag is not reached)
 
     def attempt(self, a: Active) -> Step:
         """Every running sample's next step (landing on the final time where it nearly ends)."""
         rem = torch.sub(self.t_end_t, a.t) if self.forward else torch.sub(a.t, self.t_end_t)
-        land = rem <= a.h * (1 + LANDING_SLACK)
-        hs = torch.where(land, rem, a.h)
+        # a.h carries the landing slack: a step that would end within it of the end lands
+        hs = torch.minimum(a.h, rem)
+        land = hs == rem
         signed = hs if self.forward else hs.neg()
         t_new = torch.where(land, self.t_end_t, a.t + signed)
         col = signed.view(self.col_shape)
@@ -378,13 +385,13 @@ class PerSampleSolver:
             ratio = self.error_ratio(err.div_(scale)).nan_to_num_(math.inf, math.inf)
             acc = ratio <= 1.0
             if cfg.min_step > 0:  # a step of min_step stands whatever its (finite) error
-                acc |= (s.hs <= cfg.min_step * (1 + LANDING_SLACK)) & (ratio < math.inf)
+                acc |= (s.hs <= cfg.min_step * (1 + 2 * LANDING_SLACK)) & (ratio < math.inf)
             factor = ratio.pow(-self.beta1).mul_(a.prev).clamp_(cfg.dfactor, cfg.ifactor)
             if self.cap_rejected:  # a rejected step only shrinks
                 factor = torch.where(acc, factor, factor.clamp(max=1.0))
             h_new = s.hs * factor
-            if self.clip:
-                h_new = h_new.clamp_(cfg.min_step, cfg.max_step)
+            if self.clip:  # the landing slack on top of the bounds, as everywhere
+                h_new = h_new.clamp_(cfg.min_step, cfg.max_step).mul_(1 + LANDING_SLACK)
         return acc, h_new, ratio
 
     def error_ratio(self, x: Tensor) -> Tensor:
@@ -399,44 +406,49 @@ class PerSampleSolver:
             ).amax(0)
         return norm if norm.dtype == torch.float64 else norm.double()
 
-    def on_event(self, a: Active, s: Step) -> None:
-        """Outputs passed, samples finished (compacted away) or in trouble (refused)."""
-        fin = s.acc & s.land
+    def on_event(self, a: Active, s: Step, checked: bool) -> None:
+        """Samples in trouble (refused, where ``checked``), outputs passed, samples finished
+        (their final state kept, their rows compacted away)."""
+        fin = s.reached & s.land  # reached rows are accepted ones
+        if checked:
+            self.check_rows(a, s, fin)
+        if self.inner:
+            rows = s.reached.nonzero()[:, 0]
+            if rows.numel():
+                self.emit_inner(a, s, rows)
+        done = fin.nonzero()[:, 0]
+        if done.numel():
+            self.outputs.append((self.end_base + a.idx[done], s.y1[done]))
+            self.finished.append((a.n_acc[done], a.h[done], self.iterations))
+            a.compact((~fin).nonzero()[:, 0])
+
+    def check_rows(self, a: Active, s: Step, fin: Tensor) -> None:
+        """Refuse a sample whose step size underflowed or that took too many steps."""
         trouble = (a.h <= self.tiny) & ~fin
-        if bool(trouble.any()):
+        if trouble.any().item():
             raise self.underflow(a, s, int(trouble.nonzero()[0, 0]))
         if self.iterations > self.cfg.max_num_steps:
             over = a.n_acc > self.cfg.max_num_steps
-            if bool(over.any()):
+            if over.any().item():
                 raise self.too_many_steps(a, int(over.nonzero()[0, 0]))
-        self.emit(a, s, s.reached.nonzero()[:, 0])
-        if bool(fin.any()):
-            done = fin.nonzero()[:, 0]
-            self.finished.append((a.n_acc[done], self.iterations - a.n_acc[done], a.h[done]))
-            a.compact((~fin).nonzero()[:, 0])
 
-    def emit(self, a: Active, s: Step, rows: Tensor) -> None:
-        """The outputs the rows ``rows`` passed in their step: the dense output inside it, the
-        step's end itself at the final time."""
+    def emit_inner(self, a: Active, s: Step, rows: Tensor) -> None:
+        """The output times before the final one that the rows ``rows`` passed in their step,
+        read by the dense output inside it; the rows' next output times move on."""
         t_new, after = s.t_new[rows], self.ts_after
         passed = (after <= t_new[:, None]) if self.forward else (after >= t_new[:, None])
         pos_new = passed.sum(1)
         last = len(after) - 1
-        cols = torch.arange(len(after), device=self.device)
+        cols = torch.arange(last, device=self.device)
         pairs = ((cols >= a.pos[rows, None]) & (cols < pos_new[:, None])).nonzero()
-        r, j = rows[pairs[:, 0]], pairs[:, 1]
-        inner = j < last
-        if bool(inner.any()):
-            ri, ji = r[inner], j[inner]
+        if pairs.numel():
+            ri, ji = rows[pairs[:, 0]], pairs[:, 1]
             theta = (after[ji] - s.t_old[ri]) / s.signed[ri]
             hks = [k[ri] for k in s.hks]
             if not self.tab.fsal:  # the interpolant's extra row: h f(t + h, y1)
                 hks.append((a.k0 * s.col)[ri])
             values = dense_output_rows(self.tab, s.y_old[ri], hks, theta)
             self.outputs.append(((ji + 1) * self.batch + a.idx[ri], values))
-        end = r[~inner]
-        if end.numel():
-            self.outputs.append(((last + 1) * self.batch + a.idx[end], s.y1[end]))
         a.pos[rows] = pos_new
         a.next_out = after[a.pos.clamp(max=last)]
 
@@ -460,7 +472,9 @@ class PerSampleSolver:
         """NFE (batched calls of ``func``), and each sample's steps: the most any took."""
         counts = Counts(nfe=self.nfe)
         if self.finished:
-            acc, rej, h = (torch.cat(x) for x in zip(*self.finished))
+            acc = torch.cat([n for n, _, _ in self.finished])
+            h = torch.cat([h for _, h, _ in self.finished])
+            rej = torch.cat([steps - n for n, _, steps in self.finished])
             counts.n_accepted, counts.n_rejected = int(acc.max()), int(rej.max())
             counts.step_size = float(h.max())
         return counts

@@ -129,7 +129,8 @@ def solve(
 
     Args:
         func: ``func(t, y) -> dy/dt``, ``t`` a 0-dim tensor, ``dy/dt`` of ``y``'s shape and
-            dtype (a tuple of tensors for a tuple state).
+            dtype (a tuple of tensors for a tuple state). With ``options["steps"] ==
+            "sample"``, ``t`` has one time per row of ``y``, the samples still running.
         y0: initial state, a floating-point tensor of any shape or a tuple of tensors.
         t: output times, shape ``(T,)``, strictly monotonic; ``t[0]`` is the initial time.
         method: one of :data:`METHODS`, or ``"scipy_solver"`` (stiff, no gradients; :mod:`cnf.ode`).
