@@ -128,9 +128,8 @@ def solve(
     r"""Solve :math:`dy/dt = f(t, y)`, :math:`y(t_0) = y_0`; the solution and its statistics.
 
     Args:
-        func: ``func(t, y) -> dy/dt``, ``t`` a 0-dim tensor, ``dy/dt`` of ``y``'s shape and
-            dtype (a tuple of tensors for a tuple state). With ``options["steps"] ==
-            "sample"``, ``t`` has one time per row of ``y``, the samples still running.
+        func: ``func(t, y) -> dy/dt``, ``t`` a 0-dim tensor (``options["steps"]="sample"``: one
+            per row of ``y``), ``dy/dt`` of ``y``'s shape and dtype (a tuple for a tuple state).
         y0: initial state, a floating-point tensor of any shape or a tuple of tensors.
         t: output times, shape ``(T,)``, strictly monotonic; ``t[0]`` is the initial time.
         method: one of :data:`METHODS`, or ``"scipy_solver"`` (stiff, no gradients; :mod:`cnf.ode`).
