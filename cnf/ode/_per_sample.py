@@ -170,10 +170,17 @@ class Active:
 
 
 class Step:
-    """One batched step as it was tried: what the outputs and the errors read afterwards."""
+    """One batched step as it was tried: what the controller, the outputs and the errors
+    read afterwards."""
 
-    def __init__(self, **fields) -> None:
-        self.__dict__.update(fields)
+    __slots__ = (
+        "t_old", "y_old", "hs", "signed", "col", "t_new", "y1", "hks", "last", "y1_abs",
+        "reached",
+    )  # fmt: skip
+
+    def __init__(self, t_old, y_old, hs, signed, col, t_new, y1, hks, last) -> None:
+        self.t_old, self.y_old, self.hs, self.signed, self.col = t_old, y_old, hs, signed, col
+        self.t_new, self.y1, self.hks, self.last = t_new, y1, hks, last
 
 
 class PerSampleSolver:
@@ -212,6 +219,7 @@ class PerSampleSolver:
         self.inner = len(problem.ts) > 2  # output times before the final one
         self.end_base = (len(problem.ts) - 1) * self.batch  # the final outputs' flat index
         self.call = self.make_call()
+        self.err_terms = [(i, e) for i, e in enumerate(self.tab.b_err) if e != 0.0]
 
     def make_call(self):
         """``call(t, y)``: ``func`` on the rows ``y`` at their times ``t`` (float64), as rows,
@@ -347,12 +355,15 @@ class PerSampleSolver:
 
     def attempt(self, a: Active) -> Step:
         """Every running sample's next step (landing on the final time where it nearly ends)."""
-        rem = torch.sub(self.t_end_t, a.t) if self.forward else torch.sub(a.t, self.t_end_t)
         # a.h carries the landing slack: a step that would end within it of the end lands
-        hs = torch.minimum(a.h, rem)
-        land = hs == rem
-        signed = hs if self.forward else hs.neg()
-        t_new = torch.where(land, self.t_end_t, a.t + signed)
+        # on the end exactly
+        if self.forward:
+            t_new = torch.minimum(a.t + a.h, self.t_end_t)
+            hs = signed = t_new - a.t
+        else:
+            t_new = torch.maximum(a.t - a.h, self.t_end_t)
+            signed = t_new - a.t
+            hs = signed.abs()
         col = signed.view(self.col_shape)
         col = col if self.dtype == torch.float64 else col.to(self.dtype)
         # the stage times t + c_i h, in one operation; the step's end is t_new exactly
@@ -366,20 +377,17 @@ class PerSampleSolver:
             return f * col
 
         y1, hks = rk_step(stage, self.tab, 0.0, a.y, a.k0 * col, 1.0)
-        return Step(
-            t_old=a.t, y_old=a.y, hs=hs, signed=signed, col=col, t_new=t_new, land=land,
-            y1=y1, hks=hks, last=last[-1],
-        )  # fmt: skip
+        return Step(a.t, a.y, hs, signed, col, t_new, y1, hks, last[-1])
 
     def judge(self, a: Active, s: Step) -> tuple[Tensor, Tensor, Tensor]:
         """Each row's error ratio, accept/reject and next step size: the shared PI
         controller's rule, row by row (``a.prev`` holds ``safety * r_{n-1}^beta2``)."""
         cfg = self.cfg
         with torch.no_grad():
-            err = None
-            for k, e in zip(s.hks, self.tab.b_err):
-                if e != 0.0:
-                    err = k * e if err is None else torch.add(err, k, alpha=e)
+            (i, e), *rest = self.err_terms
+            err = s.hks[i] * e
+            for i, e in rest:
+                err = torch.add(err, s.hks[i], alpha=e)
             s.y1_abs = s.y1.abs()
             scale = torch.addcmul(a.atol, a.rtol, torch.maximum(a.y_abs, s.y1_abs))
             ratio = self.error_ratio(err.div_(scale)).nan_to_num_(math.inf, math.inf)
@@ -409,7 +417,7 @@ class PerSampleSolver:
     def on_event(self, a: Active, s: Step, checked: bool) -> None:
         """Samples in trouble (refused, where ``checked``), outputs passed, samples finished
         (their final state kept, their rows compacted away)."""
-        fin = s.reached & s.land  # reached rows are accepted ones
+        fin = s.reached & (s.t_new == self.t_end_t)  # reached rows are accepted ones
         if checked:
             self.check_rows(a, s, fin)
         if self.inner:
