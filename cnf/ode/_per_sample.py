@@ -154,7 +154,8 @@ class Active:
     FIELDS = ("idx", "t", "h", "y", "k0", "y_abs", "prev", "n_acc", "pos", "next_out")
 
     def __init__(self, **fields: Tensor) -> None:
-        self.per_row_tol = fields["atol"].shape[0] > 1
+        # the tolerances with one row per sample (not the same for all)
+        self.per_row_tol = tuple(n for n in ("atol", "rtol") if fields[n].shape[0] > 1)
         for name, value in fields.items():
             setattr(self, name, value)
 
@@ -164,7 +165,7 @@ class Active:
 
     def compact(self, keep: Tensor) -> None:
         """Keep only the rows ``keep`` (indices into the current rows)."""
-        names = self.FIELDS + (("atol", "rtol") if self.per_row_tol else ())
+        names = self.FIELDS + self.per_row_tol
         for name in names:
             setattr(self, name, getattr(self, name).index_select(0, keep))
 
