@@ -317,3 +317,18 @@ def test_per_entry_tolerances_one_dimensional_and_image_states():
     y1 = torch.linspace(0.5, 30.0, 5, dtype=F64)  # y' = -y^2: y = y0 / (1 + y0 t)
     ys = solve(lambda t, y: -(y**2), y1, t, rtol=1e-9, atol=1e-9, options=STEPS).ys
     torch.testing.assert_close(ys, y1 / (1 + y1 * t[:, None]), rtol=0, atol=1e-8)
+
+
+@pytest.mark.deadline(20)
+def test_step_bounds_first_step_and_an_empty_batch():
+    y0, t = vdp_batch((0.5, 3.0)), torch.tensor([0.0, 2.0], dtype=F64)
+    stats = solve(vdp, y0, t, options={**STEPS, "max_step": 0.05, "first_step": 1e-3}).stats
+    assert stats.n_accepted >= 40
+    tight = dict(rtol=1e-9, atol=1e-9)
+    with pytest.warns(UserWarning, match="min_step=0.2 accepted above the tolerance"):
+        coarse = solve(vdp, y0[:1], t, **tight, options={**STEPS, "min_step": 0.2})
+    assert coarse.stats.n_accepted == 10
+    with pytest.raises(SolverError, match=r"sample 1 near .*\(a step of min_step=0.5\)"):
+        solve(vdp, y0, t, **tight, options={**STEPS, "min_step": 0.5})
+    empty = solve(vdp, torch.zeros(0, 3, dtype=F64), t, options=STEPS)
+    assert empty.ys.shape == (2, 0, 3) and empty.stats.nfe == 0

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import torch
 from torch import Tensor
@@ -176,12 +177,13 @@ class Step:
 
     __slots__ = (
         "t_old", "y_old", "hs", "signed", "col", "t_new", "y1", "hks", "last", "y1_abs",
-        "reached",
+        "reached", "stuck",
     )  # fmt: skip
 
     def __init__(self, t_old, y_old, hs, signed, col, t_new, y1, hks, last) -> None:
         self.t_old, self.y_old, self.hs, self.signed, self.col = t_old, y_old, hs, signed, col
         self.t_new, self.y1, self.hks, self.last = t_new, y1, hks, last
+        self.stuck = None
 
 
 class PerSampleSolver:
@@ -204,6 +206,7 @@ class PerSampleSolver:
         sections = layout.widths if layout.is_tuple and len(layout.widths) > 1 else None
         self.sections = sections
         self.nfe = self.iterations = 0
+        self.above: Tensor | bool = False  # a step of min_step accepted above the tolerance
         self.t_end_t = torch.tensor(self.t_end, dtype=torch.float64, device=self.device)
         # the stages' nodes but 0 and 1 (t_new), as a column for all stage times at once
         self.nodes = tuple(sorted({c for c in self.tab.c if c not in (0.0, 1.0)}))
@@ -266,6 +269,13 @@ class PerSampleSolver:
             while active.size > 0:
                 self.iterations += 1
                 self.step(active)
+        if bool(self.above):
+            warnings.warn(
+                f"steps of min_step={self.cfg.min_step:g} accepted above the tolerance: the "
+                "solution is less accurate than rtol/atol ask; lower options['min_step'] or "
+                "loosen rtol/atol",
+                stacklevel=6,
+            )
         return self.layout.unpack(self.collect(y)), self.counts()
 
     def start(self, y: Tensor) -> Active:
@@ -350,6 +360,7 @@ class PerSampleSolver:
         flag = reached
         if self.iterations % CHECK_EVERY == 0 or self.iterations > self.cfg.max_num_steps:
             flag = flag | (h_new <= self.tiny) | (a.n_acc > self.cfg.max_num_steps)
+            flag = flag if s.stuck is None else flag | s.stuck
         if flag.any().item():
             s.reached = reached
             self.on_event(a, s, flag is not reached)
@@ -394,7 +405,10 @@ class PerSampleSolver:
             ratio = self.error_ratio(err.div_(scale)).nan_to_num_(math.inf, math.inf)
             acc = ratio <= 1.0
             if cfg.min_step > 0:  # a step of min_step stands whatever its (finite) error
-                acc |= (s.hs <= cfg.min_step * (1 + 2 * LANDING_SLACK)) & (ratio < math.inf)
+                at_min, finite = s.hs <= cfg.min_step * (1 + 2 * LANDING_SLACK), ratio < math.inf
+                acc |= at_min & finite
+                s.stuck = at_min & ~finite  # no smaller step to try: refused when checked
+                self.above = (acc & (ratio > 1.0)).any() | self.above  # read once, at the end
             factor = ratio.pow(-self.beta1).mul_(a.prev).clamp_(cfg.dfactor, cfg.ifactor)
             if self.cap_rejected:  # a rejected step only shrinks
                 factor = torch.where(acc, factor, factor.clamp(max=1.0))
@@ -433,6 +447,8 @@ class PerSampleSolver:
 
     def check_rows(self, a: Active, s: Step, fin: Tensor) -> None:
         """Refuse a sample whose step size underflowed or that took too many steps."""
+        if s.stuck is not None and s.stuck.any().item():
+            raise self.underflow(a, s, int(s.stuck.nonzero()[0, 0]), self.cfg.min_step)
         trouble = (a.h <= self.tiny) & ~fin
         if trouble.any().item():
             raise self.underflow(a, s, int(trouble.nonzero()[0, 0]))
@@ -488,19 +504,32 @@ class PerSampleSolver:
             counts.step_size = float(h.max())
         return counts
 
-    def underflow(self, a: Active, s: Step, row: int) -> SolverError:
-        """The error for a sample whose step size underflowed: what its stages held."""
+    def underflow(self, a: Active, s: Step, row: int, min_step: float = 0.0) -> SolverError:
+        """The error for a sample whose step size underflowed (or whose step of ``min_step``
+        is not finite): what its stages held."""
         sample, t, h = int(a.idx[row]), float(a.t[row]), float(s.signed[row])
+        tried = (
+            f"a step of min_step={min_step:g}"
+            if min_step
+            else f"every step from t={t:.17g} down to h={abs(h):.3g}"
+        )
         for k, c in zip(s.hks, self.tab.c):
             if not bool(torch.isfinite(k[row]).all()):
                 where = describe_non_finite(k[row], None)
                 return SolverError(
                     f"func(t, y) returned {where} for sample {sample} near "
-                    f"t={t + c * h:.17g} (every step from t={t:.17g} down to h={abs(h):.3g}); "
+                    f"t={t + c * h:.17g} ({tried}); "
                     "check the vector field at that time and state",
                     t=t,
                     step_size=h,
                 )
+        if min_step:
+            return SolverError(
+                f"the solution of sample {sample} overflows near t={t:.17g} ({tried}); it "
+                "may blow up near this time: check the vector field or lower min_step",
+                t=t,
+                step_size=h,
+            )
         return SolverError(
             f"step size underflow for sample {sample} at t={t:.17g} (h={h:.3g}): its solution "
             "may blow up near this time or it is too stiff for an explicit method; check the "

@@ -464,7 +464,7 @@ class Problem:
         parts = tuple(tuple(s) for s in self.shapes) if self.is_tuple else None
         cfg = make_config(
             method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes,
-            parts=parts, rows=self.rows(),
+            parts=parts, rows=self.rows() if self.y0.numel() else self.empty_rows(),
         )  # fmt: skip
         changes = {}
         if cfg.norm is not None:
@@ -484,6 +484,13 @@ class Problem:
         if len(batch) != 1 or 0 in batch:
             return None
         return (batch.pop(),) * len(self.shapes)
+
+    def empty_rows(self) -> tuple[int, ...] | None:
+        """An empty batch, ``(0, ...)`` in every tensor: zero rows each (the per-sample norm
+        and steps then solve it to an empty solution); None for any other empty state."""
+        if all(len(s) and s[0] == 0 for s in self.shapes):
+            return (0,) * len(self.shapes)
+        return None
 
     def to_user(self, y: Tensor) -> State:
         """One flat state (shaped like ``self.y0``) in the user's structure."""
