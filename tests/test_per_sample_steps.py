@@ -208,6 +208,14 @@ def test_gradients_match_shared_steps_on_a_network():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_cnf_blocks_refuse_per_sample_steps():
+    """A CNF's joint ODE holds per-batch probes and the analytic divergence one time: its
+    blocks keep shared steps and say so."""
+    field = cnf.fields.ConcatSquashMLP(2, hidden=(8,)).double()
+    with pytest.raises(ValueError, match="CNF blocks solve with shared steps"):
+        cnf.CNF(field, (2,), options=STEPS)
+
+
 def test_concat_squash_field_takes_one_time_per_sample():
     field = cnf.fields.ConcatSquashMLP(2, hidden=(8,)).double()
     y0 = torch.randn(4, 2, dtype=F64)
@@ -223,12 +231,19 @@ def test_refusals_name_what_to_use_instead():
     def field(s, y):
         return -y
 
-    lin = torch.nn.Linear(2, 2).double()
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 2).double()
+
+        def forward(self, s, y):
+            return self.layer(y)
+
+    lin = Linear()
     cases = [
         (dict(adjoint=True), "backpropagation"),
         (dict(adjoint=Checkpoint()), "backpropagation"),
         (dict(adjoint=Backsolve()), "backpropagation"),
-        (dict(method="rk4"), "only apply to adaptive"),
         (dict(options={"steps": "sample", "jump_t": [0.5]}), "jump_t"),
         (dict(options={"steps": "sample", "step_t": [0.5]}), "step_t"),
         (dict(options={"steps": "sample", "step_size": 0.1}), "step_size"),
@@ -239,8 +254,14 @@ def test_refusals_name_what_to_use_instead():
     for kwargs, message in cases:
         kwargs.setdefault("options", STEPS)
         with pytest.raises(ValueError, match=message):
-            solve(field, y0, t, **kwargs)
+            if "adjoint" in kwargs:  # refused where gradients are wanted through it
+                kwargs["adjoint_params"] = ()
+            solve(field, y0.requires_grad_(), t, **kwargs)
+    with pytest.raises(ValueError, match="only apply to adaptive"):
+        solve(field, y0, t, method="rk4", options=STEPS)
     with pytest.raises(ValueError, match="backpropagation"):
+        odeint_adjoint(lin, y0, t, options=STEPS)
+    with torch.no_grad():  # an adjoint without gradients to take is a plain solve
         odeint_adjoint(lin, y0, t, options=STEPS)
     with pytest.raises(ValueError, match="event_fn"):
         odeint(field, y0, t, event_fn=lambda s, y: y[0, 0] - 0.5, options=STEPS)

@@ -160,7 +160,7 @@ def solve(
     strategy = to_strategy(adjoint, adjoint_options, adjoint_rtol, adjoint_atol, adjoint_method)
     if method == SCIPY_SOLVER:
         return _scipy_solve(problem, options, strategy is not None or adjoint_params is not None)
-    config = _config(problem, method, options, strategy)
+    config = problem.config(method, options)
     if problem.y0.numel() == 0:
         return _empty_solve(problem)
     if strategy is None:
@@ -169,21 +169,6 @@ def solve(
         return _plain_solve(problem, config)
     params = check_adjoint_params(func, adjoint_params)
     return _adjoint_solve(AdjointSolve(problem, config, strategy, params))
-
-
-def _config(
-    problem: Problem, method: str, options: Mapping | None, strategy: AdjointStrategy | None
-) -> Config:
-    """The solve's settings; per-sample steps take gradients by backpropagation only (there
-    is no step record for an adjoint to replay)."""
-    config = problem.config(method, options)
-    if config.sample_steps and strategy is not None:
-        raise ValueError(
-            "options['steps']='sample' takes gradients by backpropagation through the solve "
-            "only: use solve(..., adjoint=False) or odeint (not odeint_adjoint, Checkpoint or "
-            "Backsolve), or steps='shared' for an adjoint"
-        )
-    return config
 
 
 def _scipy_solve(problem: Problem, options: Mapping | None, adjoint: bool) -> Solution:
@@ -209,6 +194,12 @@ def _adjoint_solve(adjoint: AdjointSolve) -> Solution:
     needs_grad = problem.y0.requires_grad or problem.t.requires_grad or len(adjoint.params) > 0
     if not (torch.is_grad_enabled() and needs_grad):
         return _plain_solve(problem, adjoint.config)
+    if adjoint.config.sample_steps:  # no record of per-sample steps for an adjoint to replay
+        raise ValueError(
+            "options['steps']='sample' takes gradients by backpropagation through the solve "
+            "only: use solve(..., adjoint=False) or odeint (not odeint_adjoint, Checkpoint or "
+            "Backsolve; solves without gradients run), or steps='shared' for an adjoint"
+        )
     stats = SolverStats()
     ys, counts = adjoint.run(stats._add_backward)
     return Solution(problem.unflatten(ys), stats._set_forward(counts))
