@@ -150,13 +150,16 @@ def _wrong_result(out, m: int, shapes, dtype) -> str:
 
 class Active:
     """The running samples, one row each: every field is indexed by row and compacted
-    together when samples finish."""
-
-    FIELDS = ("idx", "t", "h", "y", "k0", "y_abs", "prev", "n_acc", "pos", "next_out")
+    together when samples finish. ``pos`` and ``next_out`` (each row's next output time and
+    its index) only where there are output times before the final one; the tolerances only
+    where they differ between samples."""
 
     def __init__(self, **fields: Tensor) -> None:
-        # the tolerances with one row per sample (not the same for all)
-        self.per_row_tol = tuple(n for n in ("atol", "rtol") if fields[n].shape[0] > 1)
+        self.rows = tuple(
+            name
+            for name, value in fields.items()
+            if value.ndim and value.shape[0] > 1 or name not in ("atol", "rtol", "next_out")
+        )
         for name, value in fields.items():
             setattr(self, name, value)
 
@@ -166,8 +169,7 @@ class Active:
 
     def compact(self, keep: Tensor) -> None:
         """Keep only the rows ``keep`` (indices into the current rows)."""
-        names = self.FIELDS + self.per_row_tol
-        for name in names:
+        for name in self.rows:
             setattr(self, name, getattr(self, name).index_select(0, keep))
 
 
@@ -223,6 +225,7 @@ class PerSampleSolver:
         self.inner = len(problem.ts) > 2  # output times before the final one
         self.end_base = (len(problem.ts) - 1) * self.batch  # the final outputs' flat index
         self.call = self.make_call()
+        self.plain = not layout.is_tuple and self.dtype == torch.float64
         self.err_terms = [(i, e) for i, e in enumerate(self.tab.b_err) if e != 0.0]
 
     def make_call(self):
@@ -302,8 +305,7 @@ class PerSampleSolver:
             rtol=tols[1], y_abs=y.detach().abs(),
             prev=torch.full((B,), self.safety, dtype=f64, device=t.device),
             n_acc=torch.zeros(B, dtype=torch.long, device=t.device),
-            pos=torch.zeros(B, dtype=torch.long, device=t.device),
-            next_out=self.ts_after[:1].expand(B).clone(),
+            **self.outputs_ahead(B),
         )  # fmt: skip
         if cfg.first_step is not None:
             h = torch.full((B,), min(cfg.first_step, self.span), dtype=f64, device=t.device)
@@ -320,6 +322,16 @@ class PerSampleSolver:
             return math.sqrt(max(math.prod(like.shape[1:]), 1))
         roots = [torch.full((w,), math.sqrt(w), dtype=like.dtype) for w in self.sections]
         return torch.cat(roots).to(like.device)
+
+    def outputs_ahead(self, batch: int) -> dict[str, Tensor]:
+        """Every row's next output time (and its index, where there are several): one shared
+        0-dim tensor, the final time, where it is the only one."""
+        if not self.inner:
+            return {"next_out": self.t_end_t}
+        return {
+            "pos": torch.zeros(batch, dtype=torch.long, device=self.device),
+            "next_out": self.ts_after[:1].expand(batch).clone(),
+        }
 
     def first_step(self, a: Active) -> Tensor:
         """Hairer, Norsett & Wanner's first step (as the shared controller's), per row."""
@@ -381,14 +393,28 @@ class PerSampleSolver:
         # the stage times t + c_i h, in one operation; the step's end is t_new exactly
         times = dict(zip(self.nodes, torch.addcmul(a.t, self.node_col, signed).unbind()))
         times[1.0] = t_new
-        call, last = self.call, []
+        last = []
+        if self.plain:  # a single float64 tensor: func called here, its result checked
+            func, rows_of, shape = self.func, self.layout.rows_of, a.y.shape
 
-        def stage(c: float, y: Tensor) -> Tensor:
-            f = call(times[c], y)
-            last.append(f)
-            return f * col
+            def stage(c: float, y: Tensor) -> Tensor:
+                f = func(times[c], y)
+                if f.__class__ is not Tensor or f.shape != shape or f.dtype != torch.float64:
+                    f = rows_of(f, shape[0])  # refuses what is not y's shape
+                last.append(f)
+                return f * col
+
+        else:
+            call = self.call
+
+            def stage(c: float, y: Tensor) -> Tensor:
+                f = call(times[c], y)
+                last.append(f)
+                return f * col
 
         y1, hks = rk_step(stage, self.tab, 0.0, a.y, a.k0 * col, 1.0)
+        if self.plain:
+            self.nfe += len(last)
         return Step(a.t, a.y, hs, signed, col, t_new, y1, hks, last[-1])
 
     def judge(self, a: Active, s: Step) -> tuple[Tensor, Tensor, Tensor]:
