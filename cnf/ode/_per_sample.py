@@ -155,10 +155,11 @@ class Active:
     where they differ between samples."""
 
     def __init__(self, **fields: Tensor) -> None:
+        shared = ("atol", "rtol", "next_out")  # may hold one row for all samples
         self.rows = tuple(
             name
             for name, value in fields.items()
-            if value.ndim and value.shape[0] > 1 or name not in ("atol", "rtol", "next_out")
+            if name not in shared or (value.ndim > 0 and value.shape[0] > 1)
         )
         for name, value in fields.items():
             setattr(self, name, value)
@@ -266,7 +267,9 @@ class PerSampleSolver:
         """Solve from the problem's ``y0`` (its layout): ``(T, *y0.shape)`` and the counts."""
         y = self.layout.pack(y0)
         self.outputs = [(torch.arange(self.batch, device=self.device), y)]
-        self.finished: list[tuple[Tensor, Tensor, Tensor]] = []
+        # per group of finished samples: accepted steps, next step size, steps tried (all rows
+        # try one step per iteration, so a sample's tries are the iterations it ran)
+        self.finished: list[tuple[Tensor, Tensor, int]] = []
         if len(self.ts) > 1 and self.batch > 0:
             active = self.start(y)
             while active.size > 0:
