@@ -311,6 +311,8 @@ def test_statistics_and_a_trivial_span():
     assert stats.nfe == max(s.nfe for s in alone)  # the slow sample's, the fast one rode along
     ys = solve(vdp, y0, t[:1], options=STEPS).ys
     torch.testing.assert_close(ys, y0[None])
+    shared = solve(vdp, y0, t, options={"steps": "shared"})  # the default, named
+    torch.testing.assert_close(shared.ys, solve(vdp, y0, t).ys, rtol=0, atol=0)
 
 
 def test_per_entry_tolerances_one_dimensional_and_image_states():
