@@ -103,6 +103,11 @@ class SolverSettings:
         if self.options is not None:
             if not isinstance(self.options, Mapping):
                 raise ValueError(f"options must be a dict of solver options, got {self.options!r}")
+            if self.options.get("steps", "shared") != "shared":
+                raise ValueError(
+                    "CNF blocks solve with shared steps: per-sample steps (options['steps']) "
+                    "are for cnf.ode.solve and odeint; use options=dict(norm='sample') here"
+                )
             put(self, "options", MappingProxyType(dict(self.options)))
 
     def replace(self, **changes) -> SolverSettings:

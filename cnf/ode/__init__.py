@@ -34,6 +34,22 @@ Solver options (``options=``), all optional:
     the parameter gradients ``g`` (no batch) as one more section, unless the seminorm leaves
     them out.
   - a function of the scaled error, in the state's structure, returning its norm;
+* ``steps`` (adaptive methods): ``"shared"`` (default), one time and step size for the whole
+  state, or ``"sample"``: per-sample steps (torchode's idea). Every tensor of the state is
+  ``(B, ...)`` with the batch first, and every sample carries its own time, step size, PI
+  controller memory and accept/reject decision, with its own error (its RMS of the scaled
+  error, the largest over the state's tensors; the ``norm`` option is then left out). Each
+  sample's solution is the one it gets solved alone (to rounding), and a batch costs the
+  steps of its hardest sample rather than, at every moment, those of whichever sample is
+  hardest then. ``func`` is called with the samples still running only: ``func(t, y)`` with
+  ``t`` of shape ``(m,)``, one time per row in the state's dtype, and ``y`` those ``m`` rows
+  in the state's structure; it must return their ``m`` rows (a field that reads the time per
+  sample, such as :class:`cnf.fields.ConcatSquashMLP`, works as it is). Samples that reach
+  the end leave the batch, so they stop costing evaluations. ``nfe`` counts the batched calls
+  of ``func``; ``n_accepted``, ``n_rejected`` and ``step_size`` are the largest over the
+  samples, and ``max_num_steps`` holds per sample. Gradients by backpropagation only
+  (``adjoint=False``: ``odeint``, not ``odeint_adjoint``); events, ``step_t``, ``jump_t``,
+  ``step_size``, fixed-step methods, step callbacks and :func:`agreeing_norms` are refused.
 * adaptive methods: ``first_step`` (default: Hairer, Norsett & Wanner's estimate),
   ``min_step`` (a floor: a step of ``min_step`` stands whatever its error, with a warning),
   ``max_step``, ``step_t`` (times to step onto, e.g. kinks of ``f``), ``jump_t`` (times where

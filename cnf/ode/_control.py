@@ -65,6 +65,8 @@ class Config:
     how many samples its entries split into, row-major: the norm is then the largest RMS over
     the sections and the samples (:func:`rms_norm`); a section of one row (the adjoint's ``g``)
     is measured whole. None: the sections' RMS over all their samples together.
+    ``sample_steps`` (``options["steps"] == "sample"``): every sample steps on its own
+    (:mod:`cnf.ode._per_sample`), its error measured by its own RMS.
 
     torchdiffeq's options (see :mod:`cnf.ode`): ``norm`` replaces the error norm (a function of
     the scaled error in the state's structure, wrapped by the caller to take the flat state);
@@ -94,6 +96,7 @@ class Config:
     norm: Callable[[Tensor], Tensor] | None = None
     shared: int = 0
     sample_rows: tuple[int, ...] | None = None
+    sample_steps: bool = False
     landmarks: Landmarks | None = None
     perturb: bool = False
     grid_constructor: Callable | None = None

@@ -333,6 +333,11 @@ def _check_event_problem(problem: Problem, method: str, options) -> Config:
             f"relative to it, the direction), got {len(problem.ts)}"
         )
     cfg = problem.config(method, options)
+    if cfg.sample_steps:
+        raise ValueError(
+            "event_fn does not support options['steps']='sample' (the event stops the whole "
+            "batch at one time); use steps='shared' (the default)"
+        )
     if not cfg.adaptive and cfg.step_size is None:
         raise ValueError(
             f"the fixed-step method {method!r} needs options['step_size'] to find an event "

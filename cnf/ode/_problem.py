@@ -25,12 +25,14 @@ from .tableaus import METHODS, TABLEAUS, ButcherTableau
 
 __all__ = [
     "SAMPLE_NORM",
+    "SAMPLE_STEPS",
     "SCIPY_SOLVER",
     "Problem",
     "State",
     "check_adjoint_params",
     "check_options",
     "check_precision",
+    "check_sample_steps",
     "get_tableau",
     "make_config",
     "number",
@@ -54,6 +56,7 @@ _ADAPTIVE_OPTIONS = _COMMON_OPTIONS | {
     "step_t",
     "jump_t",
     "dtype",
+    "steps",
 }
 _TIME_DTYPES = (torch.float32, torch.float64)
 _RENAMED = {
@@ -98,6 +101,9 @@ def positive(name: str, value, *, optional: bool = False) -> float | None:
 SCIPY_SOLVER = "scipy_solver"
 SAMPLE_NORM = "sample"
 """``options["norm"]`` of the per-sample norm: every sample's RMS error, the largest counts."""
+SAMPLE_STEPS = "sample"
+"""``options["steps"]`` of per-sample steps: every sample its own time, step size and error
+control (:mod:`cnf.ode._per_sample`); ``"shared"``, the default, steps the batch together."""
 
 _ADAMS = (
     "it is a multistep method, and cnf's methods are one-step Runge-Kutta methods (no history "
@@ -223,6 +229,10 @@ def _option_value(key: str, value):
             what = "'rms', 'sample' or a function" if key == "norm" else "a function"
             raise ValueError(f"{name} must be {what}, got {value!r}")
         return value
+    if key == "steps":
+        if value not in ("shared", SAMPLE_STEPS):
+            raise ValueError(f"{name} must be 'shared' (the default) or 'sample', got {value!r}")
+        return value
     if key == "interp":
         if value not in ("linear", "cubic"):
             raise ValueError(f"{name} must be 'linear' or 'cubic', got {value!r}")
@@ -267,6 +277,10 @@ def make_config(
     """
     tab = get_tableau(method)
     options = check_options(options, tab.name, tab.adaptive)
+    if options.pop("steps", "shared") == SAMPLE_STEPS:
+        check_sample_steps(options, rows)
+        options.pop("norm", None)  # each sample's own error is what per-sample steps control
+        options["sample_steps"] = True
     if options.get("norm") == SAMPLE_NORM:
         if rows is None:
             raise ValueError(
@@ -293,6 +307,28 @@ def make_config(
         ),  # fmt: skip
         **options,
     )
+
+
+def check_sample_steps(options: dict, rows: tuple[int, ...] | None) -> None:
+    """Refuse what per-sample steps (``options["steps"] == "sample"``) cannot combine with."""
+    if rows is None:
+        raise ValueError(
+            "options['steps']='sample' needs every tensor of the state to have the batch as "
+            "its first dimension, of the same size; use steps='shared' for this state"
+        )
+    norm = options.get("norm", SAMPLE_NORM)
+    if norm != SAMPLE_NORM:
+        raise ValueError(
+            "options['steps']='sample' controls each sample's own error (its RMS, the largest "
+            f"over the state's tensors); it takes no other norm, got norm={norm!r}: leave "
+            "options['norm'] out or use steps='shared'"
+        )
+    for key in ("step_t", "jump_t", "step_size"):
+        if options.get(key):
+            raise ValueError(
+                f"options['steps']='sample' does not support options[{key!r}]; use "
+                "steps='shared' (the default) with it"
+            )
 
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -428,7 +464,7 @@ class Problem:
         parts = tuple(tuple(s) for s in self.shapes) if self.is_tuple else None
         cfg = make_config(
             method, self.atol, self.rtol, options, time_eps=self.time_eps, norm_sizes=sizes,
-            parts=parts, rows=self.rows(),
+            parts=parts, rows=self.rows() if self.y0.numel() else self.empty_rows(),
         )  # fmt: skip
         changes = {}
         if cfg.norm is not None:
@@ -448,6 +484,13 @@ class Problem:
         if len(batch) != 1 or 0 in batch:
             return None
         return (batch.pop(),) * len(self.shapes)
+
+    def empty_rows(self) -> tuple[int, ...] | None:
+        """An empty batch, ``(0, ...)`` in every tensor: zero rows each (the per-sample norm
+        and steps then solve it to an empty solution); None for any other empty state."""
+        if all(len(s) and s[0] == 0 for s in self.shapes):
+            return (0,) * len(self.shapes)
+        return None
 
     def to_user(self, y: Tensor) -> State:
         """One flat state (shaped like ``self.y0``) in the user's structure."""

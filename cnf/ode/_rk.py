@@ -20,7 +20,7 @@ from torch import Tensor
 
 from .tableaus import ButcherTableau
 
-__all__ = ["dense_output", "rk_step"]
+__all__ = ["dense_output", "dense_output_rows", "rk_step"]
 
 Rhs = Callable[[float, Tensor], Tensor]
 
@@ -69,6 +69,24 @@ def dense_output(
     ``ks`` holds the stages, plus ``f(t + h, y1)`` for a tableau that is not FSAL.
     """
     return _axpy_sum(y, ks, tab.dense_weights(theta).tolist(), h)
+
+
+def dense_output_rows(tab: ButcherTableau, y: Tensor, hks: list[Tensor], theta: Tensor) -> Tensor:
+    """:func:`dense_output` with a step and a ``theta`` per row (per-sample steps).
+
+    ``y`` is ``(R, ...)``, ``theta`` ``(R,)`` and ``hks`` the stages already multiplied by each
+    row's step, ``h_r k_i`` (plus ``h_r f(t + h_r, y1)`` for a tableau that is not FSAL):
+    ``y_r + sum_i b_i(theta_r) h_r k_i``, with the tableau's own weights ``b_i(theta)``.
+    """
+    weights = torch.as_tensor(tab.dense, dtype=theta.dtype, device=theta.device)
+    powers = theta[:, None] ** torch.arange(
+        1, weights.shape[1] + 1, dtype=theta.dtype, device=theta.device
+    )
+    w = (powers @ weights.T).to(y.dtype)  # (R, stages)
+    out = y
+    for i, k in enumerate(hks):
+        out = out + w[:, i].view(-1, *(1,) * (y.ndim - 1)) * k
+    return out
 
 
 def _axpy_sum(y: Tensor, ks: list[Tensor], coeffs, h: float) -> Tensor:

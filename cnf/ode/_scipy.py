@@ -120,6 +120,8 @@ def _check_options(options: Mapping | None) -> tuple[str, dict]:
     if unknown:
         elsewhere = sorted(unknown & set().union(*SOLVER_OPTIONS.values()))
         note = f" (other solvers take {', '.join(elsewhere)})" if elsewhere else ""
+        if "steps" in unknown:  # per-sample steps are the Runge-Kutta methods' option
+            note += " (options['steps'] is for cnf's adaptive methods, e.g. 'dopri5')"
         raise ValueError(
             f"unknown option(s) {sorted(unknown)} for method={SCIPY_SOLVER!r} with "
             f"solver={solver!r}{note}; valid options: {sorted(valid | {'solver'})}"

@@ -12,6 +12,7 @@ from torch import Tensor
 from ._adjoint import AdjointSolve
 from ._control import Config
 from ._integrate import Counts, integrate
+from ._per_sample import solve_per_sample
 from ._problem import SCIPY_SOLVER, Problem, State, check_adjoint_params
 from ._scipy import scipy_solve
 from ._strategies import ADJOINT_KEYWORDS, AdjointStrategy, to_strategy
@@ -127,8 +128,8 @@ def solve(
     r"""Solve :math:`dy/dt = f(t, y)`, :math:`y(t_0) = y_0`; the solution and its statistics.
 
     Args:
-        func: ``func(t, y) -> dy/dt``, ``t`` a 0-dim tensor, ``dy/dt`` of ``y``'s shape and
-            dtype (a tuple of tensors for a tuple state).
+        func: ``func(t, y) -> dy/dt``, ``t`` a 0-dim tensor (``options["steps"]="sample"``: one
+            per row of ``y``), ``dy/dt`` of ``y``'s shape and dtype (a tuple for a tuple state).
         y0: initial state, a floating-point tensor of any shape or a tuple of tensors.
         t: output times, shape ``(T,)``, strictly monotonic; ``t[0]`` is the initial time.
         method: one of :data:`METHODS`, or ``"scipy_solver"`` (stiff, no gradients; :mod:`cnf.ode`).
@@ -193,6 +194,12 @@ def _adjoint_solve(adjoint: AdjointSolve) -> Solution:
     needs_grad = problem.y0.requires_grad or problem.t.requires_grad or len(adjoint.params) > 0
     if not (torch.is_grad_enabled() and needs_grad):
         return _plain_solve(problem, adjoint.config)
+    if adjoint.config.sample_steps:  # no record of per-sample steps for an adjoint to replay
+        raise ValueError(
+            "options['steps']='sample' takes gradients by backpropagation through the solve "
+            "only: use solve(..., adjoint=False) or odeint (not odeint_adjoint, Checkpoint or "
+            "Backsolve; solves without gradients run), or steps='shared' for an adjoint"
+        )
     stats = SolverStats()
     ys, counts = adjoint.run(stats._add_backward)
     return Solution(problem.unflatten(ys), stats._set_forward(counts))
@@ -200,6 +207,9 @@ def _adjoint_solve(adjoint: AdjointSolve) -> Solution:
 
 def _plain_solve(problem: Problem, config: Config) -> Solution:
     """A solve that autograd differentiates step by step, if anything needs gradients."""
+    if config.sample_steps:
+        ys, counts = solve_per_sample(problem, config)
+        return Solution(problem.unflatten(ys), SolverStats()._set_forward(counts))
 
     def run(y0: Tensor) -> tuple[Tensor, Counts]:
         outs, counts = integrate(problem.rhs, y0, problem.ts, config)

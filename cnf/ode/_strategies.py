@@ -137,6 +137,11 @@ class Backsolve:
         adaptive = True if self.method is None else get_tableau(self.method).adaptive
         if self.options is not None:
             options = check_options(self.options, self.method, adaptive)
+            if options.get("steps", "shared") != "shared":
+                raise ValueError(
+                    "Backsolve's options cannot ask for per-sample steps (steps='sample'): "
+                    "the adjoint solves the batch with shared steps; leave 'steps' out"
+                )
             put(self, "options", MappingProxyType(options) if options else None)
 
 

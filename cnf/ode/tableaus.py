@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
+from functools import cached_property
 from types import MappingProxyType
 
 import numpy as np
@@ -90,9 +91,10 @@ class ButcherTableau:
     def adaptive(self) -> bool:
         return self.b_err is not None
 
-    @property
+    @cached_property
     def fsal(self) -> bool:
-        """First Same As Last: the last stage is evaluated at ``(t + h, y1)``."""
+        """First Same As Last: the last stage is evaluated at ``(t + h, y1)``. Cached: every
+        step asks."""
         s = len(self.c)
         return (
             s > 1
