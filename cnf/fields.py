@@ -31,6 +31,7 @@ in place of automatic differentiation.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -459,11 +460,42 @@ class ConcatSquashMLP(nn.Module):
             ``([V_1, ..., V_{n+1}], [b'_1, ..., b'_{n+1}])``, shapes ``(in_k, out_k)`` (the
             transposes, which :func:`torch.addmm` takes as they are) and ``(out_k,)``.
         """
-        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
-        gate = torch.sigmoid(torch.addmv(torch.cat(c), torch.cat(a), t))  # (H,), H = sum out_k
-        bias = torch.addcmul(torch.mv(torch.cat(d), t), gate, torch.cat(b))
+        w, b, a, c, d = self._hypernets()
+        gate = torch.sigmoid(torch.addmv(c, a, t))  # (H,), H = sum out_k
+        bias = torch.addcmul(torch.mv(d, t), gate, b)
         gates = gate.split_with_sizes(self._out_sizes)
         return [wk.t() * g for wk, g in zip(w, gates)], bias.split_with_sizes(self._out_sizes)
+
+    def _hypernets(self) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]:
+        """The layers' weights, and their ``b, a, c, d`` concatenated over the layers; computed
+        once per grad mode inside :meth:`solving`, at every call outside it."""
+        cache = self.__dict__.get("_hypernet_cache")
+        grad = torch.is_grad_enabled()
+        if cache and cache[0] == grad:
+            return cache[1]
+        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
+        terms = (w, torch.cat(b), torch.cat(a), torch.cat(c), torch.cat(d))
+        if cache is not None:
+            cache[:] = [grad, terms]
+        return terms
+
+    @contextmanager
+    def solving(self):
+        """A context for one solve, during which the parameters do not change: the layers'
+        concatenated hypernet parameters are computed once (per grad mode, with their graph
+        while one is recorded) instead of at every evaluation.
+
+        :class:`cnf.CNFTransform` enters it around its forward solve. Changing a parameter
+        inside it (in place or by assignment) is not seen until it exits.
+        """
+        if "_hypernet_cache" in self.__dict__:  # nested: the outer context owns the cache
+            yield
+            return
+        self.__dict__["_hypernet_cache"] = []
+        try:
+            yield
+        finally:
+            del self.__dict__["_hypernet_cache"]
 
     def forward_with_divergence(
         self, t: Tensor | float, z: Tensor, context: Tensor | None = None

@@ -389,3 +389,46 @@ def test_module_is_an_nn_module_with_state_dict_round_trip():
     z = torch.randn(3, 2)
     torch.testing.assert_close(other(0.3, z), field(0.3, z))
     assert isinstance(field, nn.Module)
+
+
+# ------------------------------------------------------------ the solving() context
+
+
+def test_solving_computes_the_hypernets_once_per_grad_mode_and_agrees():
+    torch.manual_seed(3)
+    field = _randomize(ConcatSquashMLP(3, hidden=(5, 4), activation="tanh").to(F64))
+    z, t = torch.randn(6, 3, dtype=F64), torch.tensor(0.45, dtype=F64)
+    params = list(field.parameters())
+    plain = field.forward_with_divergence(t, z)
+    plain_grads = torch.autograd.grad(plain[0].sum() + plain[1].sum(), params)
+    calls = []
+    original = torch.cat
+    with field.solving():
+        torch.cat = lambda *a, **k: calls.append(1) or original(*a, **k)
+        try:
+            with torch.no_grad():  # cached without a graph ...
+                first = [field.forward_with_divergence(t, z) for _ in range(3)]
+            # ... which a call under autograd must not reuse: its gradients reach the weights
+            inside = field.forward_with_divergence(t, z)
+            again = field.forward_with_divergence(t, z)
+        finally:
+            torch.cat = original
+    assert len(calls) == 2 * 4  # b, a, c, d once per grad mode, not once per call
+    for out in (*first, inside, again):
+        torch.testing.assert_close(out, plain, rtol=0, atol=0)
+    grads = torch.autograd.grad(inside[0].sum() + inside[1].sum(), params)
+    for g, w in zip(grads, plain_grads):
+        torch.testing.assert_close(g, w, rtol=1e-14, atol=1e-15)
+
+
+def test_solving_forgets_on_exit_and_nests():
+    field = ConcatSquashMLP(2, hidden=(4,)).to(F64)
+    z, t = torch.randn(3, 2, dtype=F64), 0.3
+    with field.solving():
+        with field.solving():
+            before = field(t, z)
+        assert torch.equal(field(t, z), before)  # the outer context still holds the cache
+    with torch.no_grad():
+        field.layers[0].hyper_gate.bias.add_(1.0)  # a training step, between solves
+    assert not torch.allclose(field(t, z), before)
+    assert "_hypernet_cache" not in field.__dict__
