@@ -614,7 +614,7 @@ def bench_memory(steps=(10, 40, 160, 640)) -> str:
         t = torch.tensor([0.0, 1.0])
         out = {
             "cnf backprop": lambda f, y: cnf.odeint(f, y, t, method="rk4", options=opts),
-            # by default the checkpoint keeps up to 64 MiB of the forward's graph (the first
+            # by default the checkpoint keeps up to 256 MiB of the forward's graph (the first
             # steps') instead of replaying them; graph_memory=0 replays every step
             "cnf checkpoint": lambda f, y: cnf.odeint_adjoint(f, y, t, method="rk4", options=opts),
             "cnf checkpoint, graph_memory=0": lambda f, y: (
