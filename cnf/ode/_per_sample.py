@@ -31,7 +31,7 @@ from ._agree import current_reduce
 from ._control import Config
 from ._errors import SolverError, describe_non_finite
 from ._integrate import Counts
-from ._problem import Problem
+from ._problem import Problem, describe_result
 from ._rk import dense_output_rows, rk_step
 from ._time import attach_time_gradient
 
@@ -133,17 +133,10 @@ class RowLayout:
 
 
 def _wrong_result(out, m: int, shapes, dtype) -> str:
-    def describe(x):
-        if isinstance(x, Tensor):
-            return f"shape {tuple(x.shape)}, dtype {x.dtype}"
-        if isinstance(x, (tuple, list)):
-            return "(" + "; ".join(describe(v) for v in x) + ")"
-        return type(x).__name__
-
     expected = "; ".join(f"shape {(m, *s)}" for s in shapes)
     return (
         f"func(t, y) must return dy/dt with the structure of the rows it is given ({expected}) "
-        f"and dtype {dtype}; it returned {describe(out)}. With options['steps']='sample' it "
+        f"and dtype {dtype}; it returned {describe_result(out)}. With options['steps']='sample' it "
         f"is called with the {m} samples still running and t of shape ({m},), one time each"
     )
 

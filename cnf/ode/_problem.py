@@ -534,18 +534,10 @@ class Problem:
                 for o, s in zip(outs, self.shapes)
             )
             if not ok:
-
-                def describe(x):
-                    if isinstance(x, Tensor):
-                        return f"shape {tuple(x.shape)}, dtype {x.dtype}"
-                    if isinstance(x, (tuple, list)):
-                        return "(" + "; ".join(describe(v) for v in x) + ")"
-                    return type(x).__name__
-
                 expected = "; ".join(f"shape {tuple(s)}" for s in self.shapes)
                 raise ValueError(
                     f"func(t, y) must return dy/dt with the state's structure ({expected}) and "
-                    f"dtype {dtype}; it returned {describe(out)}"
+                    f"dtype {dtype}; it returned {describe_result(out)}"
                 )
             checked = True
 
@@ -573,6 +565,15 @@ class Problem:
                 return torch.cat([o.reshape(-1) for o in out])
 
         return rhs
+
+
+def describe_result(x) -> str:
+    """What ``func`` returned, for an error message: shapes and dtypes, nested as returned."""
+    if isinstance(x, Tensor):
+        return f"shape {tuple(x.shape)}, dtype {x.dtype}"
+    if isinstance(x, (tuple, list)):
+        return "(" + "; ".join(describe_result(v) for v in x) + ")"
+    return type(x).__name__
 
 
 def check_adjoint_params(func, adjoint_params: Sequence[Tensor] | None) -> tuple[Tensor, ...]:
