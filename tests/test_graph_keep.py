@@ -114,9 +114,9 @@ def test_the_kept_graph_is_freed_with_the_callers_graph():
 class _Plain(nn.Module):
     """A field without an analytic trace: its exact trace goes through torch.func."""
 
-    def __init__(self) -> None:
+    def __init__(self, dim: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2)).to(F64)
+        self.net = nn.Sequential(nn.Linear(dim + 1, 8), nn.Tanh(), nn.Linear(8, dim)).to(F64)
 
     def forward(self, t, z):
         return self.net(torch.cat([z, t.expand(z.shape[0], 1)], dim=1))
@@ -128,16 +128,18 @@ class _Plain(nn.Module):
         ("concat", dict(trace="exact"), True),
         ("concat", dict(trace="hutchinson"), True),  # one probe: plain autograd
         ("concat", dict(trace="hutchinson", probes=2), False),  # vmapped probes
-        ("plain", dict(trace="exact"), False),  # the basis, vmapped
+        (2, dict(trace="exact"), True),  # D <= LOOP_DIMS: a loop of plain products
+        (9, dict(trace="exact"), False),  # D > LOOP_DIMS: the basis, vmapped
     ],
 )
 def test_fields_under_torch_func_replay_and_all_agree(field, settings, keeps):
     # torch.func refuses saved-tensor hooks: a field evaluated through its transforms cannot
     # be measured and replays every step; the gradients are the same either way
     torch.manual_seed(0)
-    base = cnf.ConcatSquashMLP(2, (8,)).to(F64) if field == "concat" else _Plain()
-    x = torch.randn(6, 2, generator=torch.Generator().manual_seed(2), dtype=F64)
-    flow = cnf.CNF(base, (2,), rtol=1e-8, atol=1e-8, **settings)
+    dim = 2 if field == "concat" else field
+    base = cnf.ConcatSquashMLP(2, (8,)).to(F64) if field == "concat" else _Plain(dim)
+    x = torch.randn(6, dim, generator=torch.Generator().manual_seed(2), dtype=F64)
+    flow = cnf.CNF(base, (dim,), rtol=1e-8, atol=1e-8, **settings)
     grads = {}
     for name, adjoint in (("default", Checkpoint()), ("replayed", Checkpoint(graph_memory=0))):
         out = flow.evaluate(x, adjoint=adjoint, generator=torch.Generator().manual_seed(0))

@@ -226,6 +226,24 @@ def test_one_probe_by_autograd_equals_the_vectorised_probes(estimator):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
 
 
+@pytest.mark.parametrize("dim", [3, 8])
+def test_the_training_loop_trace_equals_the_vectorised_one(dim):
+    # D <= LOOP_DIMS under autograd: one plain product per basis vector; chunk_size forces the
+    # vectorised product: the same trace and gradients, w.r.t. z and the parameters
+    field = _mlp(dim=dim, hidden=(6, 5))
+    z = torch.randn(4, dim, dtype=F64, requires_grad=True)
+    params = [z, *field.parameters()]
+    outs = [
+        divergence_exact(field, T, z, field_aware=False, chunk_size=chunk) for chunk in (None, 2)
+    ]
+    grads = [torch.autograd.grad(f.square().sum() + d.sum(), params) for f, d in outs]
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=1e-12, atol=1e-13)
+    exact = torch.diagonal(jacobians(field, T, z.detach()), dim1=-2, dim2=-1).sum(-1)
+    torch.testing.assert_close(outs[0][1], exact, rtol=1e-12, atol=1e-13)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-13)
+
+
 def test_one_probe_of_a_field_that_ignores_z():
     # a constant field: a zero divergence and Frobenius norm, not an autograd error
     bias = nn.Parameter(torch.ones(2, dtype=F64))
