@@ -151,6 +151,18 @@ def test_fields_under_torch_func_replay_and_all_agree(field, settings, keeps):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
 
 
+def test_a_caller_that_disables_saved_tensor_hooks_gets_replayed_steps():
+    field = _Field()
+    y0 = torch.randn(3, 2, dtype=F64, requires_grad=True)
+    t = torch.tensor([0.0, 1.0], dtype=F64)
+    want = torch.autograd.grad(cnf.odeint_adjoint(field, y0, t).sum(), y0)
+    with torch.autograd.graph.disable_saved_tensors_hooks("no hooks in this region"):
+        sol = cnf.solve(field, y0, t, adjoint=Checkpoint())
+        (got,) = torch.autograd.grad(sol.ys.sum(), y0)
+    assert sol.stats.n_accepted_backward == sol.stats.n_accepted  # measured nothing: replayed
+    torch.testing.assert_close(got, want[0], rtol=1e-11, atol=1e-12)
+
+
 @pytest.mark.parametrize("bad", [-1, 1.5, True, "64MB"])
 def test_graph_memory_must_be_a_byte_count(bad):
     with pytest.raises(ValueError, match="graph_memory must be an int >= 0"):

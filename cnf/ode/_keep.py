@@ -11,8 +11,8 @@ without a graph, and only those later steps are replayed.
 The size of the graph is measured once, on the first evaluation: the bytes of the tensors it
 saves for the backward pass (a saved-tensor hook counts them as they are saved). Every later
 evaluation is taken to be the same size (same field, same batch). A field that cannot run
-under saved-tensor hooks (``torch.func`` transforms refuse them) is not measured, and its
-steps are all replayed.
+under saved-tensor hooks (``torch.func`` transforms refuse them, and a caller may disable them) is
+not measured, and its steps are all replayed.
 """
 
 from __future__ import annotations
@@ -52,13 +52,21 @@ class GraphKeep:
             if self.evals:
                 return f(t, y, *side)
             self.evals, saved = 1, []
+            hooks = torch.autograd.graph.saved_tensors_hooks(_counter(saved), _unpack)
             try:
-                with torch.autograd.graph.saved_tensors_hooks(_counter(saved), _unpack):
-                    out = f(t, y, *side)
+                hooks.__enter__()
+            except RuntimeError:  # the caller disabled saved-tensor hooks: not measurable
+                return f(t, y, *side)
+            try:
+                out = f(t, y, *side)
             except RuntimeError as error:
                 if _HOOKS_REFUSED not in str(error):
                     raise
-                return f(t, y, *side)  # per_eval stays None: this solve replays every step
+                out = None
+            finally:
+                hooks.__exit__(None, None, None)
+            if out is None:  # per_eval stays None: this solve replays every step
+                return f(t, y, *side)
             self.per_eval = sum(saved)
             return out
 
