@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor, nn
 
+from .fields import solve_context
+
 __all__ = [
     "Conditioned",
     "ContextEmbedding",
@@ -202,6 +204,10 @@ class Conditioned(nn.Module):
 
     def _with_divergence(self, t, z, context=None) -> tuple[Tensor, Tensor]:
         return self.field.forward_with_divergence(t, z, self._embed(context))
+
+    def solving(self):
+        """The field's per-solve context (:func:`cnf.fields.solve_context`)."""
+        return solve_context(self.field)
 
     def _embed(self, context: Tensor | None) -> Tensor:
         if context is None:

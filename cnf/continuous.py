@@ -25,12 +25,12 @@ probe), when the call asks for ``regularizers``.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
 
 from .context import with_context
+from .fields import solve_context
 from .ode import solve
 from .ode._problem import positive
 from .settings import Call, SolverSettings, check_choice
@@ -60,12 +60,6 @@ class JointODE(nn.Module):
             return d.f, d.div
         kinetic = d.f.reshape(d.f.shape[0], -1).square().sum(1)
         return d.f, d.div, kinetic, d.frobenius
-
-
-def _solving(field: nn.Module):
-    """The field's ``solving()`` context (:meth:`cnf.fields.ConcatSquashMLP.solving`), if any."""
-    context = getattr(field, "solving", None)
-    return context() if callable(context) else nullcontext()
 
 
 def trajectory_times(times, like: Tensor, direction: str) -> Tensor:
@@ -192,7 +186,7 @@ class CNFTransform(Transform):
             zeros = y.new_zeros(y.shape[0])
             state = (y, zeros, zeros, zeros) if regularizers else (y, zeros)
             rtol, atol = s.tolerances(regularizers)
-        with _solving(self.field):
+        with solve_context(self.field):
             return self._run(rhs, state, t, s, rtol, atol, field, call)
 
     def _run(self, rhs, state, t, s, rtol, atol, field, call):

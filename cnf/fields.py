@@ -31,7 +31,7 @@ in place of automatic differentiation.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +131,13 @@ def _context_rows(field: nn.Module, context: Tensor | None, z: Tensor) -> Tensor
             f"shape {tuple(z.shape)}, got {tuple(c.shape)}"
         )
     return c.to(dtype=z.dtype).expand(z.shape[0], size)
+
+
+def solve_context(field: nn.Module):
+    """``field.solving()``, the context a field may offer for one solve (see
+    :meth:`ConcatSquashMLP.solving`), or a context that does nothing."""
+    context = getattr(field, "solving", None)
+    return context() if callable(context) else nullcontext()
 
 
 def _zero_last(layer: nn.Module) -> None:
@@ -367,16 +374,16 @@ class ConcatSquashMLP(nn.Module):
         if z.dim() != 2 or z.shape[1] != self.dim:
             raise ValueError(f"z must have shape (batch, {self.dim}), got {tuple(z.shape)}")
 
-    def _per_sample_terms(self, layers, h_gate: Tensor, h_bias: Tensor):
+    def _per_sample_terms(self, start: int, stop: int | None, h_gate: Tensor, h_bias: Tensor):
         r"""The per-sample gates :math:`g_{k,i} = \sigma(a_k h^{gate}_i + c_k)` and biases
         :math:`b'_{k,i} = g_{k,i} \odot b_k + d_k h^{bias}_i` of ``layers``, computed together
         (a few larger operations make a smaller autograd graph than many small ones) and split
-        per layer, each ``(batch, out_k)``; the hypernet inputs are ``(batch, 1)`` times, or
-        ``(batch, 1 + C)`` times and contexts."""
-        _, b, a, c, d = zip(*(layer._terms() for layer in layers))
-        gate = torch.sigmoid(torch.addmm(torch.cat(c), h_gate, torch.cat(a).T))  # (batch, H)
-        bias = torch.addcmul(h_bias @ torch.cat(d).T, gate, torch.cat(b))
-        sizes = [layer.linear.out_features for layer in layers]
+        per layer, each ``(batch, out_k)``, for ``layers[start:stop]``; the hypernet inputs are
+        ``(batch, 1)`` times, or ``(batch, 1 + C)`` times and contexts."""
+        _, b, a, c, d = self._hypernets(start, stop)
+        gate = torch.sigmoid(torch.addmm(c, h_gate, a.T))  # (batch, H)
+        bias = torch.addcmul(h_bias @ d.T, gate, b)
+        sizes = self._out_sizes[start:stop]
         return gate.split_with_sizes(sizes, dim=1), bias.split_with_sizes(sizes, dim=1)
 
     def _per_sample_chain(self, z: Tensor, gates, biases, slopes: list | None = None) -> Tensor:
@@ -398,8 +405,9 @@ class ConcatSquashMLP(nn.Module):
         r"""Per-sample gates and biases of every layer from :math:`h = [t, c]`: the hidden
         layers' gates and every layer's bias read ``h``; the output gate reads ``t`` only."""
         h = torch.cat([t.expand(c.shape[0], 1), c], dim=1)  # (batch, 1 + C)
-        gates, biases = self._per_sample_terms(self.layers[:-1], h, h)
-        gate_out, bias_out = self._per_sample_terms(self.layers[-1:], h[:, :1], h)
+        last = len(self.layers) - 1
+        gates, biases = self._per_sample_terms(0, last, h, h)
+        gate_out, bias_out = self._per_sample_terms(last, None, h[:, :1], h)
         return (*gates, *gate_out), (*biases, *bias_out)
 
     def forward(self, t: Tensor | float, z: Tensor, context: Tensor | None = None) -> Tensor:
@@ -436,7 +444,7 @@ class ConcatSquashMLP(nn.Module):
         :math:`g_{k,i} = \sigma(a_k t_i + c_k)` and biases :math:`b'_{k,i} = g_{k,i} \odot b_k
         + d_k t_i` of all layers computed together, shape ``(batch, H)``.
         """
-        return self._per_sample_chain(z, *self._per_sample_terms(self.layers, t, t))
+        return self._per_sample_chain(z, *self._per_sample_terms(0, None, t, t))
 
     def _affine_maps(self, t: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         r"""Every layer at time ``t`` as a plain affine map: :math:`L_k(t, x) = x V_k + b'_k`.
@@ -466,17 +474,18 @@ class ConcatSquashMLP(nn.Module):
         gates = gate.split_with_sizes(self._out_sizes)
         return [wk.t() * g for wk, g in zip(w, gates)], bias.split_with_sizes(self._out_sizes)
 
-    def _hypernets(self) -> tuple[list[Tensor], Tensor, Tensor, Tensor, Tensor]:
-        """The layers' weights, and their ``b, a, c, d`` concatenated over the layers; computed
-        once per grad mode inside :meth:`solving`, at every call outside it."""
+    def _hypernets(self, start: int = 0, stop: int | None = None):
+        """The weights of ``layers[start:stop]`` and their ``b, a, c, d`` concatenated over
+        those layers; computed once per grad mode inside :meth:`solving`, at every call
+        outside it."""
         cache = self.__dict__.get("_hypernet_cache")
-        grad = torch.is_grad_enabled()
-        if cache and cache[0] == grad:
-            return cache[1]
-        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers))
+        key = (torch.is_grad_enabled(), start, stop)
+        if cache is not None and key in cache:
+            return cache[key]
+        w, b, a, c, d = zip(*(layer._terms() for layer in self.layers[start:stop]))
         terms = (w, torch.cat(b), torch.cat(a), torch.cat(c), torch.cat(d))
         if cache is not None:
-            cache[:] = [grad, terms]
+            cache[key] = terms
         return terms
 
     @contextmanager
@@ -491,7 +500,7 @@ class ConcatSquashMLP(nn.Module):
         if "_hypernet_cache" in self.__dict__:  # nested: the outer context owns the cache
             yield
             return
-        self.__dict__["_hypernet_cache"] = []
+        self.__dict__["_hypernet_cache"] = {}
         try:
             yield
         finally:
