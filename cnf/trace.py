@@ -224,7 +224,7 @@ def _vjp(fn: Callable, z: Tensor, probes: int, has_aux: bool = False):
     (:mod:`cnf.ode._keep`), and keeps it only if it can. Several probes are vectorised with
     :func:`torch.func.vmap`, which needs ``torch.func``'s own product, as do transformed inputs.
     """
-    if probes != 1 or not torch.is_grad_enabled() or _transformed(z):
+    if not _plain(z, probes):
         return torch.func.vjp(fn, z, has_aux=has_aux)
     x = z if z.requires_grad else z.detach().requires_grad_(True)
     out = fn(x)
@@ -236,8 +236,13 @@ def _vjp(fn: Callable, z: Tensor, probes: int, has_aux: bool = False):
         (g,) = torch.autograd.grad(f, x, e, create_graph=True, retain_graph=True, allow_unused=True)
         return (torch.zeros_like(x) if g is None else g,)
 
-    vjp_fn.plain_autograd = True  # not vmappable: _probe_forms and the traces loop instead
     return (f, vjp_fn, aux) if has_aux else (f, vjp_fn)
+
+
+def _plain(z: Tensor, probes: int) -> bool:
+    """Whether :func:`_vjp` takes plain autograd: one probe, a graph being recorded, ``z`` not
+    under a ``torch.func`` transform. Its product is then not vmappable."""
+    return probes == 1 and torch.is_grad_enabled() and not _transformed(z)
 
 
 def _transformed(x: Tensor) -> bool:
@@ -269,11 +274,7 @@ Plain autograd also leaves the graph measurable by the checkpoint adjoint (:mod:
 """
 
 
-def _is_plain(vjp_fn: Callable) -> bool:
-    return getattr(vjp_fn, "plain_autograd", False)
-
-
-def _loop_trace(vjp_fn: Callable, z: Tensor, chunk_size: int | None = None) -> Tensor:
+def _loop_trace(vjp_fn: Callable, z: Tensor) -> Tensor:
     r""":math:`\sum_i (e_i^\top J)_i`, one vector-Jacobian product per basis vector."""
     batch = z.shape[0]
     d = math.prod(z.shape[1:])
@@ -339,12 +340,15 @@ def _exact(
         _, sq = _probe_forms(vjp_fn, noise, chunk_size, True)
         return Divergence(f, div, sq.mean(0))
     probes = 1 if noise is None else noise.shape[0]
-    if chunk_size is None and math.prod(z.shape[1:]) <= LOOP_DIMS and probes == 1:
-        f, vjp_fn = _vjp(lambda x: field(t, x), z, 1)  # plain autograd while training
+    small = chunk_size is None and math.prod(z.shape[1:]) <= LOOP_DIMS
+    if small and _plain(z, probes):  # training: a loop of plain autograd products
+        f, vjp_fn = _vjp(lambda x: field(t, x), z, probes)
+        _check_output(f, z)
+        div = _loop_trace(vjp_fn, z)
     else:
         f, vjp_fn = torch.func.vjp(lambda x: field(t, x), z)
-    _check_output(f, z)
-    div = (_loop_trace if _is_plain(vjp_fn) else _basis_trace)(vjp_fn, z, chunk_size)
+        _check_output(f, z)
+        div = _basis_trace(vjp_fn, z, chunk_size)
     if noise is None:
         return Divergence(f, div, None)
     # the probes need whole rows e^T J, not diagonals: their own (small) vectorised product
