@@ -154,7 +154,7 @@ class _AdjointFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, solve: AdjointSolve, t: Tensor, y0: Tensor, *params: Tensor) -> Tensor:
         record = Record() if solve.backward_config is None else None
-        problem, ctx.kept = solve.problem, False
+        problem = solve.problem
         if record is not None and solve.graph_memory > 0:
             record.keep = GraphKeep(solve.graph_memory)
             y0 = y0.detach().requires_grad_(True)  # where the kept graph starts
@@ -167,7 +167,7 @@ class _AdjointFunction(torch.autograd.Function):
             # the kept graph goes into saved tensors, which autograd frees with the caller's
             # graph (and keeps for a retain_graph=True caller), never into attributes of ctx
             kept = (y0, keep.cut_state, *outs) if keep.kept else ()
-            ctx.kept, keep.cut_state = bool(kept), None
+            keep.cut_state = None
             outs = [y.detach() for y in outs]
         else:
             kept = ()
@@ -186,7 +186,7 @@ class _AdjointFunction(torch.autograd.Function):
         ys, *kept = ctx.saved_tensors
         if ctx.record is not None:
             grad_y0, grad_params, counts = _checkpoint_backward(
-                solve, ctx.record, grad_ys, kept if ctx.kept else None
+                solve, ctx.record, grad_ys, kept or None
             )
         else:
             grad_y0, grad_params, counts = _backsolve_backward(solve, ys, grad_ys)
@@ -252,17 +252,17 @@ def _checkpoint_backward(solve: AdjointSolve, record: Record, grad_ys: Tensor, k
             acc.add_(g)
         counts.n_accepted += 1
     if kept is not None:
-        a = _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params)
+        a = _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params, fill)
         return a, grad_params, counts
     for i, _ in by_step.get(-1, ()):
         a = a + grad_ys[i]
     return a, grad_params, counts
 
 
-def _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params) -> Tensor:
+def _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params, fill) -> Tensor:
     """Backpropagate through the kept steps: from the state where replaying stopped (with
-    cotangent ``a``) and from the outputs read in those steps; adds to ``grad_params`` and
-    returns the gradient of ``y0``."""
+    cotangent ``a``) and from the outputs read in those steps; adds to ``grad_params`` (unused
+    parameters' ``None`` filled in by ``fill``) and returns the gradient of ``y0``."""
     y0, cut_state, *outs = kept
     outputs, cotangents = [], []
     if cut_state is not None:
@@ -277,7 +277,7 @@ def _through_kept_graph(solve, record, grad_ys, kept, a, by_step, grad_params) -
     grads = torch.autograd.grad(
         outputs, (y0, *solve.params), cotangents, retain_graph=True, allow_unused=True
     )
-    for acc, g in zip(grad_params, _vjp_filler(solve.params)(grads[1:])):
+    for acc, g in zip(grad_params, fill(grads[1:])):
         acc.add_(g)
     return grads[0] if grads[0] is not None else torch.zeros_like(y0)
 
