@@ -244,18 +244,6 @@ class PerSampleSolver:
 
         return call_plain
 
-    def row_norms(self, x: Tensor) -> Tensor:
-        """Each row's RMS (the largest over the state's tensors), float64, shape ``(m,)``."""
-        x = x.reshape(x.shape[0], -1)
-        if self.sections is None:
-            return torch.linalg.vector_norm(x, dim=1).double().mul_(x.shape[1] ** -0.5)
-        norms = [
-            torch.linalg.vector_norm(p, dim=1) * w**-0.5
-            for p, w in zip(x.split(self.sections, 1), self.sections)
-            if w > 0
-        ]
-        return torch.stack(norms).amax(0).double()
-
     def run(self, y0: Tensor) -> tuple[Tensor, Counts]:
         """Solve from the problem's ``y0`` (its layout): ``(T, *y0.shape)`` and the counts."""
         y = self.layout.pack(y0)
@@ -333,16 +321,16 @@ class PerSampleSolver:
         """Hairer, Norsett & Wanner's first step (as the shared controller's), per row."""
         with torch.no_grad():
             y, f0, span = a.y, a.k0, self.span
-            # the norms below are RMS themselves: the tolerances without sqrt(width)
-            scale = torch.addcmul(a.atol, a.rtol, y.abs()).double() / self.width_roots(y)
-            d0, d1 = self.row_norms(y.double() / scale), self.row_norms(f0.double() / scale)
+            # the tolerances carry sqrt(width): error_ratio's 2-norms are then the rows' RMS
+            scale = torch.addcmul(a.atol, a.rtol, y.abs()).double()
+            d0, d1 = self.error_ratio(y.double() / scale), self.error_ratio(f0.double() / scale)
             h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), 1e-6, 0.01 * d0 / d1)
             floor = 64 * self.cfg.time_eps * max(abs(self.t0), span)
             h0 = torch.where(h0 > 0, h0, floor).clamp(max=span)
             signed = h0 if self.forward else -h0
             col = signed.to(y.dtype).view(-1, *(1,) * (y.ndim - 1))
             f1 = self.call(a.t + signed, y + col * f0)
-            d2 = self.row_norms((f1.double() - f0.double()) / scale) / h0
+            d2 = self.error_ratio((f1.double() - f0.double()) / scale) / h0
             dmax = torch.maximum(d1, d2)
             h1 = (0.01 / dmax) ** (1.0 / self.tab.order)
             h1 = torch.where(dmax <= 1e-15, (h0 * 1e-3).clamp(min=1e-6), h1)
